@@ -1,0 +1,113 @@
+"""Every error mlxnode raises on purpose, and the exit code the CLI gives each.
+
+Library code raises these with structured attributes; only `mlxnode.cli` turns
+them into one line on stderr and an exit code (documented in the README).
+"""
+
+from __future__ import annotations
+
+
+class MlxnodeError(Exception):
+    """Base class: something the user can fix, with a message that says how."""
+
+    exit_code = 1
+
+
+class ConfigError(MlxnodeError, ValueError):
+    """A configuration file, environment variable or flag has a bad value.
+
+    Attributes:
+        source: Where the bad value came from (a file path, ``env:NAME`` or ``--flag``).
+        key: The dotted key (``generation.max_tokens``), when one is to blame.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        prefix = ": ".join(p for p in (source, key) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.source = source
+        self.key = key
+
+
+class UsageError(MlxnodeError, ValueError):
+    """The command line asks for something impossible (bad prompt file, bad split...)."""
+
+    exit_code = 2
+
+
+class CacheError(MlxnodeError, OSError):
+    """The model cache is missing files, corrupt, locked or outside its directory."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class ModelDownloadError(MlxnodeError, ConnectionError):
+    """A model file could not be fetched from the Hub (after retries where they help).
+
+    Attributes:
+        repo_id: The Hub repository.
+        filename: The file, when one file is to blame.
+        status: The HTTP status, when the Hub answered.
+    """
+
+    exit_code = 4
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: str | None = None,
+        filename: str | None = None,
+        status: int | None = None,
+    ):
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.filename = filename
+        self.status = status
+
+
+class ModelLoadError(MlxnodeError, RuntimeError):
+    """A cached model cannot be loaded or cannot be split the way that was asked."""
+
+    exit_code = 5
+
+
+class DistributedSetupError(MlxnodeError, RuntimeError):
+    """The ranks could not form a group, or a rank stopped answering.
+
+    Attributes:
+        rank: The rank that reports the problem.
+        host: The host it runs on, when known.
+    """
+
+    exit_code = 6
+
+    def __init__(self, message: str, *, rank: int | None = None, host: str | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.host = host
+
+
+class InferenceError(MlxnodeError, RuntimeError):
+    """Generation cannot run on this input (prompt too long, empty batch...)."""
+
+    exit_code = 7
+
+
+# The README's exit-code table is generated from this list, so keep it in sync here.
+EXIT_CODES: list[tuple[int, str]] = [
+    (0, "success"),
+    (1, "unexpected internal error (rerun with --log-level DEBUG for the traceback)"),
+    (2, "bad configuration, flag or input file (ConfigError, UsageError)"),
+    (3, "model cache problem: missing, corrupt, locked or unsafe path (CacheError)"),
+    (4, "download from the Hub failed (ModelDownloadError)"),
+    (5, "model cannot be loaded or sharded as asked (ModelLoadError)"),
+    (6, "ranks could not connect, or a rank died or timed out (DistributedSetupError)"),
+    (7, "inference failed on the given input (InferenceError)"),
+    (130, "interrupted (Ctrl-C)"),
+]

@@ -1,0 +1,130 @@
+"""Rank-aware logging: one format, one file per rank, secrets redacted.
+
+Every line reads ``[YYYY-MM-DD HH:MM:SS] [Rank X/Y] LEVEL logger: message``. The
+rank comes from ``MLX_RANK`` (set by ``mlx.launch``) until the distributed group
+exists, then from the group itself (`set_rank`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+LOG_FORMAT = "[%(asctime)s] [Rank %(rank)d/%(world_size)d] %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+_rank: int | None = None
+_world_size: int | None = None
+
+# Hub tokens, bearer headers and token=... assignments; the replacement keeps the kind visible.
+_SECRET_PATTERNS = [
+    (re.compile(r"(?i)(authorization\s*[:=]\s*)(bearer\s+)?[^\s,'\"}]+"), r"\1\2***"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{6,}"), "hf_***"),
+    (
+        re.compile(r"(?i)\b(hf_token|hugging_face_hub_token|token)(\s*[=:]\s*)['\"]?[^\s,'\"}]+"),
+        r"\1\2***",
+    ),
+]
+
+
+def env_rank() -> tuple[int, int]:
+    """Rank and world size as `mlx.launch` announces them in the environment."""
+    rank = int(os.environ.get("MLX_RANK", "0") or 0)
+    size = os.environ.get("MLX_WORLD_SIZE")
+    if size:
+        return rank, int(size)
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile:
+        try:
+            hosts = json.loads(Path(hostfile).read_text() or "[]")
+            return rank, max(len(hosts), 1)
+        except (OSError, ValueError):
+            pass
+    return rank, 1
+
+
+def current_rank() -> tuple[int, int]:
+    if _rank is not None and _world_size is not None:
+        return _rank, _world_size
+    return env_rank()
+
+
+def set_rank(rank: int, world_size: int) -> None:
+    """Record the rank once the distributed group exists; later lines carry it."""
+    global _rank, _world_size
+    _rank, _world_size = rank, world_size
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RankFilter(logging.Filter):
+    """Stamps the rank on every record and scrubs secrets from the rendered message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank, record.world_size = current_rank()
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+class _RedactingFormatter(logging.Formatter):
+    # Tracebacks are rendered by the formatter, after the filter ran, so scrub them here too.
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def rank_log_path(log_file: str | os.PathLike, rank: int) -> Path:
+    """``logs/inference.log`` -> ``logs/inference.rank1.log`` (suffix kept, rank inserted)."""
+    path = Path(log_file).expanduser()
+    suffix = path.suffix or ".log"
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(f"{stem}.rank{rank}{suffix}")
+
+
+def setup_logging(level: str = "INFO", log_file: str | os.PathLike | None = None) -> Path | None:
+    """Configure the root logger once, for the CLI. Returns this rank's log file, if any.
+
+    Rank 0 logs to stderr; other ranks log to their file only, unless the level
+    is DEBUG, so the terminal shows rank 0's answer cleanly.
+    """
+    rank, _ = current_rank()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
+    formatter = _RedactingFormatter(LOG_FORMAT, DATE_FORMAT)
+    rank_filter = RankFilter()
+
+    if rank == 0 or level == "DEBUG" or log_file is None:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(level)
+        console.addFilter(rank_filter)
+        console.setFormatter(formatter)
+        root.addHandler(console)
+
+    path = None
+    if log_file is not None:
+        path = rank_log_path(log_file, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The file keeps INFO even when the console is quieter: it is the record of the run.
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+        file_handler.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
+        file_handler.addFilter(rank_filter)
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+        os.chmod(path, 0o640)
+    # Third-party chatter (HTTP clients) stays at WARNING unless debugging.
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    return path
