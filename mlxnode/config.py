@@ -203,16 +203,20 @@ def load_config(
         if not name.startswith(ENV_PREFIX):
             continue
         key = known_env.get(name)
-        if key is None:
+        if key is None and name.removeprefix(ENV_PREFIX).split("_")[0].lower() in _sections():
             hint = _did_you_mean(name, known_env)
             raise ConfigError(f"unknown setting{hint}", source=f"env:{name}")
+        if key is None:
+            continue  # another tool's MLXNODE_* variable, not a setting
         values[key] = _coerce(raw, fields[key][1], source=f"env:{name}", key=key, from_text=True)
         sources[key] = f"env:{name}"
 
     for key, (raw, flag) in (overrides or {}).items():
         if raw is None:
             continue
-        values[key] = _coerce(raw, fields[key][1], source=flag, key=key, from_text=False)
+        values[key] = _coerce(
+            raw, fields[key][1], source=flag, key=key, from_text=isinstance(raw, str)
+        )
         sources[key] = f"cli:{flag}"
 
     config = Config()
@@ -221,7 +225,7 @@ def load_config(
         if key == "logging.level" and isinstance(values.get(key), str):
             values[key] = values[key].upper()
         if key in values:
-            _check_bounds(values[key], f, source=sources[key], key=key)
+            _check_bounds(values[key], f, source=sources[key].removeprefix("cli:"), key=key)
             setattr(getattr(config, section), name, values[key])
         else:
             sources[key] = "default"

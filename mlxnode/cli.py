@@ -1,0 +1,75 @@
+"""The `mlxnode` command: dispatch to a verb, and turn errors into exit codes.
+
+This is the only place that converts an `MlxnodeError` into one stderr line and
+an exit code; library code only raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from . import __version__
+from .commands import cache, config, run
+from .errors import MlxnodeError
+
+logger = logging.getLogger("mlxnode")
+
+COMMANDS = (run, cache, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxnode",
+        description="Sharded LLM inference with MLX across a cluster of hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlxnode {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except MlxnodeError as e:
+        if _debug(args):
+            traceback.print_exc()
+        print(f"mlxnode: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mlxnode: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`); nothing more to say.
+        return 0
+    except Exception as e:  # noqa: BLE001 - the boundary: any bug becomes one line + exit 1
+        if _debug(args):
+            traceback.print_exc()
+        print(
+            f"mlxnode: internal error: {type(e).__name__}: {e} "
+            "(rerun with --log-level DEBUG for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    """Tracebacks are shown only at DEBUG, however the level was given."""
+    level = (
+        getattr(args, "log_level", None)
+        or getattr(args, "cfg__logging__level", None)
+        or os.environ.get("MLXNODE_LOGGING_LEVEL", "")
+    )
+    return str(level).upper() == "DEBUG"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

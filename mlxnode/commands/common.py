@@ -1,0 +1,173 @@
+"""Flags shared by several verbs, bound to configuration keys.
+
+`CONFIG_FLAGS` is the one table from a flag to the setting it overrides; the
+README's flag reference and `mlxnode config show` both follow it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as cfg
+from ..config import ResolvedConfig, load_config
+from ..logs import setup_logging
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    key: str
+    flags: tuple[str, ...]
+    help: str
+    kind: str = "value"  # "value", "true" (store True), "false" (store False)
+    metavar: str | None = None
+
+
+CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
+    ConfigFlag(
+        "model.name",
+        ("--model", "--model-name"),
+        "Hub repo id of the model (org/name).",
+        metavar="REPO",
+    ),
+    ConfigFlag(
+        "model.path", ("--model-path",), "Local model directory, used in place.", metavar="DIR"
+    ),
+    ConfigFlag("model.revision", ("--revision",), "Hub branch, tag or commit of the model."),
+    ConfigFlag("generation.max_tokens", ("--max-tokens",), "Most tokens to generate.", metavar="N"),
+    ConfigFlag(
+        "generation.temperature",
+        ("--temperature",),
+        "Sampling temperature; 0 is greedy.",
+        metavar="T",
+    ),
+    ConfigFlag("generation.top_p", ("--top-p",), "Nucleus sampling probability mass.", metavar="P"),
+    ConfigFlag("generation.seed", ("--seed",), "Random seed, the same on every rank.", metavar="N"),
+    ConfigFlag(
+        "generation.chat_template",
+        ("--chat-template",),
+        "Chat template (Jinja text or a file) to use instead of the model's.",
+        metavar="TEMPLATE",
+    ),
+    ConfigFlag(
+        "generation.use_chat_template",
+        ("--no-chat-template",),
+        "Send the prompt as is, without the chat template.",
+        kind="false",
+    ),
+    ConfigFlag("cache.dir", ("--cache-dir",), "Directory of the model cache.", metavar="DIR"),
+    ConfigFlag(
+        "cache.offline",
+        ("--offline",),
+        "Use only cached files; never contact the Hub.",
+        kind="true",
+    ),
+    ConfigFlag(
+        "cache.force_download",
+        ("--force-download",),
+        "Download the model files again even if cached.",
+        kind="true",
+    ),
+    ConfigFlag(
+        "cache.max_retries",
+        ("--max-retries",),
+        "Retries per file on transient errors.",
+        metavar="N",
+    ),
+    ConfigFlag(
+        "cache.backoff_base",
+        ("--backoff-base",),
+        "First retry delay in seconds; it doubles each retry.",
+        metavar="S",
+    ),
+    ConfigFlag(
+        "cache.lock_timeout",
+        ("--lock-timeout",),
+        "Seconds to wait for another process holding the cache lock.",
+        metavar="S",
+    ),
+    ConfigFlag(
+        "logging.level",
+        ("--log-level",),
+        "Log level; DEBUG also shows tracebacks.",
+        metavar="LEVEL",
+    ),
+    ConfigFlag(
+        "logging.file", ("--log-file",), "Log file; rank R writes NAME.rankR.log.", metavar="PATH"
+    ),
+    ConfigFlag(
+        "distributed.strategy",
+        ("--strategy",),
+        "How to split the model over ranks.",
+        metavar="{auto,pipeline,tensor}",
+    ),
+    ConfigFlag(
+        "distributed.backend", ("--backend",), "mx.distributed backend to use.", metavar="NAME"
+    ),
+    ConfigFlag(
+        "distributed.split",
+        ("--split",),
+        "Layers per rank in rank order, e.g. 20,12.",
+        metavar="N,N,...",
+    ),
+    ConfigFlag(
+        "distributed.weights",
+        ("--weights",),
+        "Relative memory per rank, e.g. 192,64; layers are split in proportion.",
+        metavar="W,W,...",
+    ),
+    ConfigFlag(
+        "distributed.step_timeout",
+        ("--step-timeout",),
+        "Seconds a rank waits on its peers before failing.",
+        metavar="S",
+    ),
+)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, keys: set[str] | None = None) -> None:
+    """Add `--config` and the flags bound to settings (all, or those in `keys`)."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"YAML config file (default: first of {', '.join(cfg.CONFIG_FILENAMES)} here).",
+    )
+    group = parser.add_argument_group("settings (override config file and MLXNODE_* env)")
+    for flag in CONFIG_FLAGS:
+        if keys is not None and flag.key not in keys:
+            continue
+        dest = _dest(flag.key)
+        if flag.kind == "value":
+            group.add_argument(*flag.flags, dest=dest, metavar=flag.metavar, help=flag.help)
+        else:
+            group.add_argument(
+                *flag.flags,
+                dest=dest,
+                action="store_const",
+                const=flag.kind == "true",
+                help=flag.help,
+            )
+
+
+def resolve_config(args: argparse.Namespace) -> ResolvedConfig:
+    """The configuration for this invocation: flags > env > file > defaults."""
+    overrides: dict[str, tuple[Any, str]] = {}
+    for flag in CONFIG_FLAGS:
+        value = getattr(args, _dest(flag.key), None)
+        if value is not None:
+            overrides[flag.key] = (value, flag.flags[0])
+    return load_config(config_path=getattr(args, "config", None), overrides=overrides)
+
+
+def configure(args: argparse.Namespace) -> ResolvedConfig:
+    """Resolve the configuration, then set up logging from it."""
+    resolved = resolve_config(args)
+    # The CLI boundary reads args.log_level to decide on tracebacks; keep it resolved.
+    args.log_level = resolved.config.logging.level
+    setup_logging(resolved.config.logging.level, resolved.config.logging.file)
+    return resolved
+
+
+def _dest(key: str) -> str:
+    return "cfg__" + key.replace(".", "__")

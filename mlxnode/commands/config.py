@@ -1,0 +1,37 @@
+"""`mlxnode config show`: the resolved configuration and where each value came from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import iter_fields
+from .common import add_config_flags, resolve_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("config", help="Inspect the resolved configuration.")
+    verbs = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = verbs.add_parser("show", help="Print every setting, its value and where it came from.")
+    show.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    add_config_flags(show)
+    show.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    resolved = resolve_config(args)
+    rows = []
+    for key, _field, _type in iter_fields():
+        section, name = key.split(".")
+        value = getattr(getattr(resolved.config, section), name)
+        rows.append((key, value, resolved.sources[key]))
+    if args.json:
+        print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))
+        return 0
+    if resolved.file is not None:
+        print(f"# config file: {resolved.file}")
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, source in rows:
+        shown = "null" if value is None else json.dumps(value)
+        print(f"{key:<{width}}  {shown:<28}  {source}")
+    return 0
