@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlxnodeError as e:
         if _debug(args):
             traceback.print_exc()
-        print(f"mlxnode: error: {e}", file=sys.stderr)
+        # One line, whatever a library put in the message.
+        print(f"mlxnode: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("mlxnode: interrupted", file=sys.stderr)

@@ -256,7 +256,8 @@ def _read_file(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"invalid YAML: {where}{e.problem or e}", source=str(path)) from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e}", source=str(path)) from e
+        # e.g. ReaderError for control characters; its text spans lines.
+        raise ConfigError(f"invalid YAML: {' '.join(str(e).split())}", source=str(path)) from e
     if data is None:
         return {}
     if not isinstance(data, dict):

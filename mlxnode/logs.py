@@ -22,10 +22,12 @@ _world_size: int | None = None
 
 # Hub tokens, bearer headers and token=... assignments; the replacement keeps the kind visible.
 _SECRET_PATTERNS = [
-    (re.compile(r"(?i)(authorization\s*[:=]\s*)(bearer\s+)?[^\s,'\"}]+"), r"\1\2***"),
+    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(bearer\s+)?[^\s,'\"}]+"), r"\1\2***"),
     (re.compile(r"\bhf_[A-Za-z0-9]{6,}"), "hf_***"),
     (
-        re.compile(r"(?i)\b(hf_token|hugging_face_hub_token|token)(\s*[=:]\s*)['\"]?[^\s,'\"}]+"),
+        re.compile(
+            r"(?i)\b(hf_token|hugging_face_hub_token|token)(['\"]?\s*[=:]\s*['\"]?)[^\s,'\"}]+"
+        ),
         r"\1\2***",
     ),
 ]
