@@ -14,12 +14,12 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import cache, config, run
+from .commands import cache, config, launch, run
 from .errors import MlxnodeError
 
 logger = logging.getLogger("mlxnode")
 
-COMMANDS = (run, cache, config)
+COMMANDS = (run, launch, cache, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,12 @@ class DistributedSetupError(MlxnodeError, RuntimeError):
         self.host = host
 
 
+class ClusterBusyError(DistributedSetupError):
+    """Another run holds the launcher's cluster lock."""
+
+    exit_code = 8
+
+
 class InferenceError(MlxnodeError, RuntimeError):
     """Generation cannot run on this input (prompt too long, empty batch...)."""
 
@@ -109,5 +115,6 @@ EXIT_CODES: list[tuple[int, str]] = [
     (5, "model cannot be loaded or sharded as asked (ModelLoadError)"),
     (6, "ranks could not connect, or a rank died or timed out (DistributedSetupError)"),
     (7, "inference failed on the given input (InferenceError)"),
+    (8, "cluster busy: another run holds the launcher's lock (ClusterBusyError)"),
     (130, "interrupted (Ctrl-C)"),
 ]
