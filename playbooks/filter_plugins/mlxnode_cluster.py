@@ -1,0 +1,248 @@
+"""Filters every mlxnode role shares: rank order, hostfile entries, ssh options, tables.
+
+Kept in one plugin so the roles cannot disagree on which host is rank 0 or how
+the mlx.launch hostfile looks. Pure functions of the inventory, so the tests
+import this module directly.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+try:
+    from ansible.errors import AnsibleFilterError
+except ImportError:  # imported by the tests without Ansible on the path
+
+    class AnsibleFilterError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+RANK_VAR = "mlxnode_rank"
+MLX_IP_VAR = "mlxnode_mlx_ip"
+WEIGHT_VAR = "mlxnode_memory_weight"
+RDMA_VAR = "mlxnode_rdma_devices"
+
+
+def rank_order(hosts: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Hosts in rank order: inventory order, unless every host sets `mlxnode_rank`.
+
+    Raises:
+        AnsibleFilterError: some hosts set a rank and others not, a rank is not an
+            integer, two hosts share a rank, or the ranks leave a gap.
+    """
+    hosts = list(hosts)
+    if not hosts:
+        raise AnsibleFilterError(
+            "the cluster group has no hosts; list them under mlx_cluster in the inventory"
+        )
+    explicit = {h: hostvars.get(h, {}).get(RANK_VAR) for h in hosts}
+    explicit = {h: r for h, r in explicit.items() if r is not None and r != ""}
+    if not explicit:
+        return hosts
+    missing = [h for h in hosts if h not in explicit]
+    if missing:
+        raise AnsibleFilterError(
+            f"{RANK_VAR} is set on {', '.join(sorted(explicit))} but not on "
+            f"{', '.join(missing)}; set it on every host of the cluster or on none "
+            "(then rank order is inventory order)"
+        )
+    ranks: dict[str, int] = {}
+    for host, raw in explicit.items():
+        try:
+            ranks[host] = int(str(raw))
+        except ValueError:
+            raise AnsibleFilterError(
+                f"{host}: {RANK_VAR}={raw!r} is not an integer; use 0..{len(hosts) - 1}"
+            ) from None
+    by_rank: dict[int, list[str]] = {}
+    for host, rank in ranks.items():
+        by_rank.setdefault(rank, []).append(host)
+    problems = []
+    for rank, owners in sorted(by_rank.items()):
+        if len(owners) > 1:
+            problems.append(f"rank {rank} is claimed by {', '.join(owners)}")
+    expected = set(range(len(hosts)))
+    gaps = sorted(expected - set(by_rank))
+    extra = sorted(set(by_rank) - expected)
+    if gaps:
+        problems.append(f"no host has rank {', '.join(map(str, gaps))}")
+    if extra:
+        problems.append(
+            f"rank {', '.join(map(str, extra))} is outside 0..{len(hosts) - 1} "
+            f"for {len(hosts)} hosts"
+        )
+    if problems:
+        listing = ", ".join(f"{h}={r}" for h, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+        raise AnsibleFilterError(
+            f"invalid {RANK_VAR} values ({listing}): {'; '.join(problems)}. "
+            f"Ranks must be 0..{len(hosts) - 1}, each used once"
+        )
+    return [by_rank[r][0] for r in range(len(hosts))]
+
+
+def host_rank(host: str, hosts: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]]) -> int:
+    """The rank of `host` in the cluster."""
+    order = rank_order(hosts, hostvars)
+    if host not in order:
+        raise AnsibleFilterError(f"{host} is not in the cluster group ({', '.join(order)})")
+    return order.index(host)
+
+
+def ssh_name(host: str, hostvars: Mapping[str, Mapping[str, Any]]) -> str:
+    """The address the launcher uses to ssh to `host` (its ansible_host)."""
+    hv = hostvars.get(host, {})
+    return str(hv.get("ansible_host") or host)
+
+
+def mlx_ip(host: str, hostvars: Mapping[str, Mapping[str, Any]]) -> str:
+    """The address MLX traffic uses: `mlxnode_mlx_ip` (Thunderbolt), else ansible_host."""
+    hv = hostvars.get(host, {})
+    return str(hv.get(MLX_IP_VAR) or ssh_name(host, hostvars))
+
+
+def hostfile(
+    order: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]], backend: str = "ring"
+) -> list[dict[str, Any]]:
+    """mlx.launch hostfile entries, in rank order.
+
+    ring: ``{"ssh": ..., "ips": [...]}``. jaccl adds ``rdma``: for rank i, the
+    RDMA device that reaches rank j (None for itself), from each host's
+    `mlxnode_rdma_devices` mapping of peer inventory name to device.
+    """
+    entries = []
+    for i, host in enumerate(order):
+        entry: dict[str, Any] = {"ssh": ssh_name(host, hostvars), "ips": [mlx_ip(host, hostvars)]}
+        if backend in ("jaccl", "jaccl-ring"):
+            devices = hostvars.get(host, {}).get(RDMA_VAR) or {}
+            row: list[Any] = []
+            for j, peer in enumerate(order):
+                if i == j:
+                    row.append(None)
+                    continue
+                device = devices.get(peer)
+                if not device:
+                    raise AnsibleFilterError(
+                        f"{host}: {RDMA_VAR} has no device for peer {peer}; jaccl needs "
+                        "one RDMA device per peer (see `ibv_devices` on the host)"
+                    )
+                row.append(device)
+            entry["rdma"] = row
+        entries.append(entry)
+    return entries
+
+
+def memory_weights(order: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]]) -> list[float]:
+    """`mlxnode_memory_weight` per rank, or [] when no host sets one."""
+    values = [hostvars.get(h, {}).get(WEIGHT_VAR) for h in order]
+    if all(v in (None, "") for v in values):
+        return []
+    missing = [h for h, v in zip(order, values, strict=True) if v in (None, "")]
+    if missing:
+        raise AnsibleFilterError(
+            f"{WEIGHT_VAR} is set on some hosts but not on {', '.join(missing)}; "
+            "set it on every host or on none"
+        )
+    try:
+        weights = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise AnsibleFilterError(f"{WEIGHT_VAR} must be numbers, got {values}") from None
+    if any(w <= 0 for w in weights):
+        raise AnsibleFilterError(f"{WEIGHT_VAR} must be > 0 on every host, got {values}")
+    return weights
+
+
+def layout_args(
+    strategy: str, split: Iterable[Any] | None = None, weights: Iterable[Any] | None = None
+) -> list[str]:
+    """The `--strategy/--split/--weights` flags mlxnode takes, as an argv fragment."""
+    args = ["--strategy", str(strategy)]
+    split = [int(s) for s in (split or [])]
+    weights = [float(w) for w in (weights or [])]
+    if split:
+        args += ["--split", ",".join(map(str, split))]
+    elif weights:
+        args += ["--weights", ",".join(f"{w:g}" for w in weights)]
+    return args
+
+
+def rsync_ssh(hv: Mapping[str, Any]) -> str:
+    """The `rsync -e` command that reaches a host the way Ansible does (same key, known_hosts)."""
+    parts = ["ssh", "-o", "BatchMode=yes"]
+    port = hv.get("ansible_port") or hv.get("ansible_ssh_port")
+    if port:
+        parts += ["-p", str(port)]
+    key = hv.get("ansible_ssh_private_key_file") or hv.get("ansible_private_key_file")
+    if key:
+        parts += ["-i", str(key)]
+    for name in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        if hv.get(name):
+            parts += shlex.split(str(hv[name]))
+    return shlex.join(parts)
+
+
+def rsync_target(hv: Mapping[str, Any], host: str, path: str) -> str:
+    """``user@address:path`` for rsync, user only when the inventory sets one."""
+    address = str(hv.get("ansible_host") or host)
+    if ":" in address:  # IPv6
+        address = f"[{address}]"
+    user = hv.get("ansible_user") or hv.get("ansible_ssh_user")
+    return f"{user}@{address}:{path}" if user else f"{address}:{path}"
+
+
+def known_hosts_file(hv: Mapping[str, Any], default: str = "~/.ssh/known_hosts") -> str:
+    """The known_hosts file the controller checks this host against."""
+    for name in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        words = shlex.split(str(hv.get(name) or ""))
+        for i, word in enumerate(words):
+            option = word
+            if word == "-o" and i + 1 < len(words):
+                option = words[i + 1]
+            elif word.startswith("-o"):
+                option = word[2:]
+            key, _, value = option.partition("=")
+            if key.strip().lower() == "userknownhostsfile" and value:
+                return value.split()[0]
+    return default
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    """Rows as aligned text lines (header, rule, one line per row) for `debug: msg`."""
+    cells = [[str(c) for c in columns]]
+    for row in rows:
+        cells.append(["" if row.get(c) is None else str(row.get(c)) for c in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+
+    return [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(line) for line in cells[1:]]
+
+
+def human_bytes(n: Any) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+class FilterModule:
+    """mlxnode cluster filters."""
+
+    def filters(self) -> dict[str, Any]:
+        return {
+            "mlxnode_rank_order": rank_order,
+            "mlxnode_host_rank": host_rank,
+            "mlxnode_hostfile": hostfile,
+            "mlxnode_memory_weights": memory_weights,
+            "mlxnode_layout_args": layout_args,
+            "mlxnode_rsync_ssh": rsync_ssh,
+            "mlxnode_rsync_target": rsync_target,
+            "mlxnode_known_hosts_file": known_hosts_file,
+            "mlxnode_table": table,
+            "mlxnode_human_bytes": human_bytes,
+        }
