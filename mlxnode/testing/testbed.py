@@ -1,9 +1,9 @@
 """A testbed of N real SSH hosts on one Linux machine, standing in for a cluster of Macs.
 
-Each host is a network namespace with its own address on a bridge, plus a mount and UTS
-namespace with a private /root, /tmp, /etc/hosts, /etc/ssh and hostname, running its own
-sshd. Ansible, paramiko and mlx.launch reach the hosts over real SSH, host key checking on,
-exactly as they reach real Macs::
+Each host is a network namespace with its own address on a bridge, plus mount, UTS and PID
+namespaces with a private /root, /tmp, /etc/hosts, /etc/ssh, hostname and process table,
+running its own sshd. Ansible, paramiko and mlx.launch reach the hosts over real SSH, host
+key checking on, exactly as they reach real Macs::
 
     python -m mlxnode.testing.testbed up --hosts 3    # also writes inventory/testbed/hosts.yml
     python -m mlxnode.testing.testbed status
@@ -66,9 +66,11 @@ _FILES = {SSHD: "openssh-server", _SFTP_SERVER: "openssh-sftp-server"}
 # The hosts' private dirs are bind-mounted over these, so state must not live under them.
 _FORBIDDEN_STATE_PARENTS = ("/tmp", "/root", "/etc", "/usr", "/proc", "/sys", "/dev", "/run/netns")
 
-# Runs in the host's fresh mount and UTS namespaces. Propagation is private, so none of these
-# mounts reaches the controller. The binds come first: hiding the state root afterwards keeps
-# the controller's key and the other hosts' files out of this host's sight.
+# Runs as PID 1 of the host's fresh mount, UTS and PID namespaces. Propagation is private, so
+# none of these mounts reaches the controller. The binds come first: hiding the state root
+# afterwards keeps the controller's key and the other hosts' files out of this host's sight.
+# sshd, exec'd as the namespace's init, reaps the host's orphans; when it dies, the kernel
+# kills every process left on the host.
 _HOST_INIT = """\
 set -e
 mount --bind "$1/root" /root
@@ -159,7 +161,8 @@ class _State:
     bridge: str | None = None
     netns: dict[str, str] = field(default_factory=dict)
     veths: dict[str, str] = field(default_factory=dict)
-    sshd: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> {pid, start}
+    # host -> pid and start time of its sshd, and of the unshare ("keeper") that forked it
+    sshd: dict[str, dict[str, int]] = field(default_factory=dict)
     version: int = _STATE_VERSION
 
 
@@ -358,14 +361,16 @@ class Testbed:
             actions.append(action)
 
         for host_name, netns in state.netns.items():
-            listener = self._live_sshd(state, host_name)
+            sshd = self._live_sshd(state, host_name)
+            keeper = self._live_keeper(state, host_name)
             pids = _pids_in_netns(netns)
-            if listener is not None and listener not in pids:
-                pids.append(listener)
+            pids += [p for p in (sshd, keeper) if p is not None and p not in pids]
             if pids:
-                # Sessions first, so the listener can still reap them.
-                self._terminate([p for p in pids if p != listener])
-                self._terminate([p for p in pids if p == listener])
+                # Sessions first, so sshd can still reap them; then sshd, which the unshare
+                # that forked it outlives only by an instant.
+                self._terminate([p for p in pids if p not in (sshd, keeper)])
+                self._terminate([p for p in pids if p == sshd])
+                self._terminate([p for p in pids if p == keeper])
                 left = _pids_in_netns(netns)
                 if left:
                     raise TestbedError(
@@ -464,7 +469,7 @@ class Testbed:
     ) -> list[int]:
         """Signal the processes on `host` whose command line matches `pattern` (a regex).
 
-        The host's sshd listener is never signalled.
+        The host's sshd listener (and the unshare that holds its namespaces) is never signalled.
 
         Returns:
             The pids that were signalled.
@@ -472,11 +477,11 @@ class Testbed:
         _require_root()
         state = self._require_state()
         target = self.host(host)
-        listener = self._live_sshd(state, host)
+        spared = {self._live_sshd(state, host), self._live_keeper(state, host)}
         regex = re.compile(pattern)
         killed = []
         for pid in _pids_in_netns(target.netns):
-            if pid != listener and regex.search(_cmdline(pid)):
+            if pid not in spared and regex.search(_cmdline(pid)):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
@@ -582,7 +587,8 @@ class Testbed:
                 net = ipaddress.ip_network(f"{addr['local']}/{addr['prefixlen']}", strict=False)
                 if net.overlaps(subnet):
                     raise TestbedUsageError(
-                        f"subnet {subnet} overlaps {net} on interface {link['ifname']}; "
+                        f"subnet {subnet} overlaps {addr['local']}/{addr['prefixlen']} "
+                        f"on interface {link['ifname']}; "
                         "pass another --subnet"
                     )
         for route in _ip_json("-4", "route", "show"):
@@ -683,13 +689,19 @@ class Testbed:
                 continue
             if pid is not None:
                 self._terminate([pid])
+                self._terminate([p for p in [self._live_keeper(state, host.name)] if p])
                 actions.append(f"restarted sshd on {host.name} for its new config")
             started.append((host, self._spawn_sshd(host)))
         for host, proc in started:
-            self._wait_listening(host, proc)
-            state.sshd[host.name] = {"pid": proc.pid, "start": _start_time(proc.pid) or 0}
+            sshd = self._wait_listening(host, proc)
+            state.sshd[host.name] = {
+                "pid": sshd,
+                "start": _start_time(sshd) or 0,
+                "keeper": proc.pid,
+                "keeper_start": _start_time(proc.pid) or 0,
+            }
             self._save_state(state)
-            actions.append(f"started sshd on {host.name} (pid {proc.pid})")
+            actions.append(f"started sshd on {host.name} (pid {sshd})")
         for action in actions:
             logger.info("%s", action)
         return actions
@@ -697,7 +709,9 @@ class Testbed:
     def _spawn_sshd(self, host: Host) -> subprocess.Popen[bytes]:
         base = self._host_dir(host)
         argv = ["ip", "netns", "exec", host.netns]
-        argv += ["unshare", "--mount", "--uts", "--propagation", "private"]
+        # --kill-child: if this unshare dies, so does the host's sshd, and with it the host.
+        argv += ["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child"]
+        argv += ["--mount-proc", "--propagation", "private"]
         argv += [
             "/bin/sh",
             "-c",
@@ -710,7 +724,7 @@ class Testbed:
         ]
         logger.debug("$ %s", shlex.join(argv))
         with open(base / "sshd.log", "ab") as log:
-            # `ip netns exec`, `unshare` and `sh -c '... exec'` all exec, so the pid is sshd's.
+            # `ip netns exec` execs unshare, whose forked child execs sh, which execs sshd.
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -724,7 +738,8 @@ class Testbed:
 
     def _wait_listening(
         self, host: Host, proc: subprocess.Popen[bytes], timeout: float = 10.0
-    ) -> None:
+    ) -> int:
+        """Wait until the host's sshd accepts connections; return its pid."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -735,9 +750,14 @@ class Testbed:
                 )
             try:
                 with socket.create_connection((host.ip, _SSH_PORT), timeout=0.5):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            sshd = [p for p in _children_of(proc.pid) if _exe(p) == os.path.realpath(SSHD)]
+            if sshd:
+                return sshd[0]
+            time.sleep(0.05)
         raise TestbedError(
             f"sshd on {host.name} is not listening on {host.ip}:{_SSH_PORT} after {timeout:.0f} s",
             host=host.name,
@@ -874,17 +894,21 @@ class Testbed:
 
     def _live_sshd(self, state: _State, host: str) -> int | None:
         """The recorded sshd pid of `host` if that very process still runs, else None."""
-        record = state.sshd.get(host)
-        if not record:
-            return None
-        pid = record["pid"]
-        if not _is_running(pid) or _start_time(pid) != record["start"]:
+        return self._live_recorded(state, host, "pid", "start", SSHD)
+
+    def _live_keeper(self, state: _State, host: str) -> int | None:
+        """The unshare holding `host`'s namespaces (sshd's parent), if it still runs."""
+        unshare = shutil.which("unshare", path=_SYSTEM_PATH) or "unshare"
+        return self._live_recorded(state, host, "keeper", "keeper_start", unshare)
+
+    def _live_recorded(
+        self, state: _State, host: str, pid_key: str, start_key: str, exe: str
+    ) -> int | None:
+        record = state.sshd.get(host, {})
+        pid = record.get(pid_key)
+        if pid is None or not _is_running(pid) or _start_time(pid) != record.get(start_key):
             return None  # gone, or the pid now belongs to someone else
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            return None
-        return pid if exe == os.path.realpath(SSHD) else None
+        return pid if _exe(pid) == os.path.realpath(exe) else None
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -1007,6 +1031,23 @@ def _is_running(pid: int) -> bool:
 def _start_time(pid: int) -> int | None:
     fields = _proc_stat(pid)
     return int(fields[19]) if fields is not None else None  # field 22, starttime
+
+
+def _children_of(parent: int) -> list[int]:
+    children = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and int(fields[1]) == parent:
+                children.append(int(entry.name))
+    return children
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def _cmdline(pid: int) -> str:
