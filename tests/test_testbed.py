@@ -85,6 +85,17 @@ def test_host_key_checking_is_on(testbed, tmp_path):
     assert "Host key verification failed" in out.stderr
 
 
+def test_each_host_has_its_own_processes(testbed):
+    start_sleep = "nohup sleep 311 >/dev/null 2>&1 & until pgrep -x sleep >/dev/null; do :; done"
+    out = ssh(testbed, "h2", f"{start_sleep}; ps -eo pid=,comm=")
+    processes = [line.split() for line in out.stdout.splitlines()]
+    assert ["1", "sshd"] in processes  # sshd is the host's init
+    assert [c for _, c in processes if c == "sleep"] == ["sleep"]
+    # pkill on one host must not reach another: h1 sees no sleep of h2's.
+    assert ssh(testbed, "h1", "pgrep -x sleep").returncode == 1
+    assert ssh(testbed, "h2", "pkill -x sleep").returncode == 0
+
+
 def test_each_host_has_a_private_root_and_tmp(testbed):
     marker = f"testbed-marker-{uuid.uuid4().hex}"
     try:
@@ -262,10 +273,22 @@ def test_up_with_another_size_is_refused_and_changes_nothing(testbed, capsys):
 
 def test_a_subnet_in_use_elsewhere_is_refused_before_anything_is_created():
     bed = tb_mod.Testbed("mlxsubnet", hosts=1, subnet="127.0.0.0/24")
-    with pytest.raises(tb_mod.TestbedUsageError, match="overlaps 127.0.0.0/8 on interface lo"):
+    with pytest.raises(tb_mod.TestbedUsageError, match="overlaps 127.0.0.1/8 on interface lo"):
         bed.up()
     assert not bed.state_dir.exists()
     assert not Path("/run/netns/mlxsubnet-h1").exists()
+
+
+def test_another_testbed_cannot_take_this_ones_subnet_or_interfaces(testbed):
+    with pytest.raises(
+        tb_mod.TestbedUsageError, match="overlaps 10.213.9.1/24 on interface mlxtbr0"
+    ):
+        tb_mod.Testbed("other", hosts=1, subnet=SUBNET).up()
+    # Interfaces are named after the first four letters of the testbed's name.
+    with pytest.raises(tb_mod.TestbedUsageError, match="interface mlxtbr0 exists but testbed"):
+        tb_mod.Testbed("mlxtest2", hosts=1, subnet="10.213.7.0/24").up()
+    assert not (testbed.state_root / "other").exists()
+    assert not (testbed.state_root / "mlxtest2").exists()
 
 
 def test_cli_status_prints_json_and_a_table(testbed, capsys):
@@ -320,7 +343,8 @@ def test_down_removes_exactly_what_up_created_and_twice_is_harmless():
     stray = [
         pid
         for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-        if tb_mod._is_running(pid) and tb_mod._cmdline(pid) == "sleep 317"
+        if tb_mod._is_running(pid)
+        and (tb_mod._cmdline(pid) == "sleep 317" or str(bed.state_dir) in tb_mod._cmdline(pid))
     ]
     assert stray == []
     assert bed.down() == []
