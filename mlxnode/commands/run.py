@@ -1,10 +1,18 @@
-"""`mlxnode run`: generate with a model split over the ranks `mlx.launch` started."""
+"""`mlxnode run`: generate with a model split over the ranks `mlx.launch` started.
+
+One prompt (the positional words) streams its answer to stdout on rank 0. Several
+prompts (``--prompts-file FILE``, or ``-`` for stdin; see `mlxnode.prompts` for the
+format) run as one batch and give JSONL records, to ``--output`` or stdout.
+Other ranks never write to stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ..errors import ModelLoadError
+from ..errors import MlxnodeError, UsageError
+from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
 from .common import add_config_flags, configure
 
 
@@ -15,6 +23,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run inference; under mlx.launch every rank loads only its shard.",
     )
     parser.add_argument("prompt", nargs="*", help="Prompt text; '-' reads prompts from stdin.")
+    parser.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help='Prompts to run as one batch: one per line, or JSONL {"id": ..., "prompt": ...} '
+        "('-': stdin). A malformed line refuses the whole file.",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="Write results as JSONL (id, prompt, completion, token counts, token_ids, "
+        "timings), atomically; a batch without it prints them to stdout.",
+    )
+    parser.add_argument(
+        "--metrics-json",
+        metavar="FILE",
+        help="Write the run's metrics (throughput, time to first token, per-rank memory "
+        "and load time) as JSON.",
+    )
+    parser.add_argument(
+        "--run-id", metavar="ID", help="Name of this run in the logs and metrics (set by launch)."
+    )
     parser.add_argument("--list-cached", action="store_true", help="List cached models and exit.")
     parser.add_argument(
         "--clear-cache", action="store_true", help="Delete the model from the cache and exit."
@@ -24,12 +53,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    configure(args)
+    resolved = configure(args)
+    if args.list_cached or args.clear_cache:
+        return _cache_action(args, resolved)
     try:
         from .. import engine
     except ImportError as e:
-        raise ModelLoadError(
-            "the inference engine is not installed in this build of mlxnode; "
-            "update mlxnode (pip install -U mlxnode)"
+        raise MlxnodeError(
+            f"the inference engine cannot be imported ({e}); reinstall mlxnode with its "
+            "MLX extra (pip install 'mlxnode[cpu]' off macOS)"
         ) from e
-    return engine.main(args)
+    engine.run(
+        resolved.config,
+        _prompt_reader(args),
+        output=args.output,
+        metrics_json=args.metrics_json,
+        run_id=args.run_id,
+        stdout=sys.stdout,
+    )
+    return 0
+
+
+def _prompt_reader(args: argparse.Namespace):
+    """A function that reads the prompts; the engine calls it on rank 0 only."""
+    words: list[str] = args.prompt
+    if args.prompts_file is not None and words:
+        raise UsageError("give the prompt as text or --prompts-file, not both")
+    if args.prompts_file is None and not words:
+        raise UsageError("no prompt: give it as text, '-' to read stdin, or --prompts-file FILE")
+
+    def read() -> list[Prompt]:
+        if args.prompts_file is not None:
+            return read_prompts_file(args.prompts_file)
+        if words == [STDIN]:
+            return read_prompts_file(STDIN)
+        return prompts_from_args(words)
+
+    return read
+
+
+def _cache_action(args: argparse.Namespace, resolved) -> int:
+    from . import cache
+
+    if args.list_cached:
+        list_models = getattr(cache, "list_models", None)
+        if list_models is None:
+            raise MlxnodeError("listing the cache is not available in this build yet")
+        return list_models(resolved)
+    clear_models = getattr(cache, "clear_models", None)
+    if clear_models is None:
+        raise MlxnodeError("clearing the cache is not available in this build yet")
+    return clear_models(resolved, resolved.config.model.name)
