@@ -324,7 +324,7 @@ class Testbed:
                 del self._children[pid]
         actions = self._ensure_keys(hosts)
         actions += self._ensure_network(state, hosts, subnet)
-        changed = [host for host in hosts if self._ensure_host_files(host, hosts, count)]
+        changed = [host for host in hosts if self._ensure_host_files(host, hosts)]
         actions += self._ensure_sshd(state, hosts, restart={h.name for h in changed})
         _write_if_changed(self.known_hosts_path, self._known_hosts_text(hosts), 0o644)
         unreachable = [h.name for h, ok in zip(hosts, self._probe(hosts), strict=True) if not ok]
@@ -653,7 +653,7 @@ class Testbed:
             logger.info("%s", action)
         return actions
 
-    def _ensure_host_files(self, host: Host, hosts: list[Host], count: int) -> bool:
+    def _ensure_host_files(self, host: Host, hosts: list[Host]) -> bool:
         """Lay out the host's private dirs; True if its sshd must (re)start to see a change."""
         base = self._host_dir(host)
         for sub, mode in (("root", 0o700), ("root/.ssh", 0o700), ("tmp", 0o1777)):
