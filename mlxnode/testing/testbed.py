@@ -1087,16 +1087,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--name",
         default=DEFAULT_NAME,
+        metavar="NAME",
         help=f"Testbed name, prefix of all it creates (default: {DEFAULT_NAME}).",
     )
     common.add_argument(
         "--subnet",
         default=None,
+        metavar="CIDR",
         help=f"IPv4 subnet of controller and hosts (default: {DEFAULT_SUBNET}).",
     )
     common.add_argument(
         "--state-root",
         type=Path,
+        metavar="DIR",
         default=DEFAULT_STATE_ROOT,
         help=f"Directory holding each testbed's keys and state (default: {DEFAULT_STATE_ROOT}).",
     )
@@ -1118,12 +1121,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--hosts",
         type=_positive_int,
+        metavar="N",
         default=None,
         help=f"Number of hosts (default: {DEFAULT_HOSTS}, or what is running).",
     )
     up.add_argument(
         "--inventory",
         type=Path,
+        metavar="PATH",
         default=DEFAULT_INVENTORY,
         help="Where to write the Ansible inventory (default: inventory/testbed/hosts.yml).",
     )
