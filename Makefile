@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlxnode-installed
 # Debian packages the testbed and the Ansible roles need on this machine.
-DEB_PACKAGES := openssh-server openssh-client rsync iproute2 python3-venv procps
+DEB_PACKAGES := openssh-server openssh-sftp-server openssh-client rsync iproute2 util-linux mount python3 python3-venv procps
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo lint bench clean
