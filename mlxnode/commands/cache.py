@@ -1,11 +1,25 @@
-"""`mlxnode cache ...`: inspect, fill and clean the model cache."""
+"""`mlxnode cache ...`: inspect, fill and clean the model cache.
+
+Every action prints its answer on stdout (``--json`` for machines: Ansible reads
+``changed`` from ``prewarm --json``) and raises mlxnode errors for `cli` to turn into
+one stderr line and an exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
 
-from ..errors import MlxnodeError
-from .common import add_config_flags
+from ..cache import LocalModel, ModelCacheManager, local_model
+from ..cache.hub import human_bytes
+from ..cache.layout import read_metadata, validate_repo_id
+from ..config import ResolvedConfig
+from ..errors import CacheError, UsageError
+from .common import add_config_flags, configure
 
 ACTIONS = {
     "list": "List cached models and which ranks each is complete for.",
@@ -20,10 +34,427 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("cache", help="Inspect, fill and clean the model cache.")
     verbs = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     for name, text in ACTIONS.items():
-        verb = verbs.add_parser(name, help=text)
+        verb = verbs.add_parser(name, help=text, description=text)
+        _ADD_ARGUMENTS[name](verb)
         add_config_flags(verb)
         verb.set_defaults(handler=main)
 
 
+def _add_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+
+
+def _add_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); all models if omitted."
+    )
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+
+
+def _add_clear(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); all models if omitted."
+    )
+    parser.add_argument("--yes", action="store_true", help="Delete without asking.")
+
+
+def _add_ranks(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, metavar="R", help="The one rank this host runs.")
+    group.add_argument(
+        "--ranks", type=_int_list, metavar="R,R,...", help="The ranks this host runs, e.g. 0,2."
+    )
+    parser.add_argument(
+        "--world-size", type=int, default=1, metavar="N", help="Number of ranks in total."
+    )
+    parser.add_argument(
+        "--all",
+        dest="all_files",
+        action="store_true",
+        help="Fetch every file of the repo, not only what the ranks need.",
+    )
+
+
+def _add_prewarm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); default: model.name."
+    )
+    _add_ranks(parser)
+    parser.add_argument("--quiet", action="store_true", help="Show no download progress.")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="List the files needed without downloading weights."
+    )
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+
+
+def _add_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); default: model.name."
+    )
+    _add_ranks(parser)
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+
+
+_ADD_ARGUMENTS = {
+    "list": _add_list,
+    "size": _add_size,
+    "clear": _add_clear,
+    "prewarm": _add_prewarm,
+    "verify": _add_verify,
+}
+
+
 def main(args: argparse.Namespace) -> int:
-    raise MlxnodeError(f"'mlxnode cache {args.cache_command}' is not implemented yet")
+    resolved = configure(args)
+    action = args.cache_command
+    if action == "list":
+        return list_models(resolved, as_json=args.json)
+    if action == "size":
+        return _size(resolved, args.repo, as_json=args.json)
+    if action == "clear":
+        return clear_models(resolved, args.repo, yes=args.yes)
+    if action == "prewarm":
+        return _prewarm(resolved, args)
+    if action == "verify":
+        return _verify(resolved, args)
+    raise UsageError(f"unknown cache action {action!r}")
+
+
+# -- list, size, clear: also called by `mlxnode run --list-cached / --clear-cache`
+
+
+def list_models(resolved: ResolvedConfig, *, as_json: bool = False) -> int:
+    """Print the cached models: revision, commit, files, size, ranks each is complete for."""
+    manager = ModelCacheManager.from_config(resolved.config, progress=False)
+    models = manager.list_models()
+    if as_json:
+        _print_json(
+            {"cache_dir": str(manager.cache_dir), "models": [_model_json(m) for m in models]}
+        )
+        return 0
+    if not models:
+        print(f"no models cached in {manager.cache_dir}")
+        return 0
+    rows = [("MODEL", "REVISION", "COMMIT", "FILES", "SIZE", "LAST USED", "COMPLETE FOR")]
+    for model in models:
+        if not model.commits:
+            rows.append((model.repo_id, "-", "-", "0/?", human_bytes(model.size_bytes), "-", "-"))
+        for c in model.commits:
+            rows.append(
+                (
+                    model.repo_id,
+                    ",".join(c.revisions) or "-",
+                    c.commit[:10],
+                    f"{c.files_present}/{c.files_expected}",
+                    human_bytes(model.size_bytes),
+                    _when(model.last_used),
+                    "; ".join(_describe_prewarm(p) for p in c.complete_for) or "-",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def clear_models(resolved: ResolvedConfig, model: str | None = None, *, yes: bool = False) -> int:
+    """Delete one model, or every model, from the cache; never anything outside it.
+
+    Asks on a terminal; refuses without `yes` when stdin is not one.
+    """
+    manager = ModelCacheManager.from_config(resolved.config, progress=False)
+    if model is not None:
+        targets = [validate_repo_id(model)]
+    else:
+        targets = [m.repo_id for m in manager.list_models()]
+        if not targets:
+            print(f"no models cached in {manager.cache_dir}")
+            return 0
+    sizes = {t: manager.model_size(t) for t in targets}
+    what = (
+        f"{targets[0]} ({human_bytes(sizes[targets[0]])})"
+        if model is not None
+        else f"all {len(targets)} models ({human_bytes(sum(sizes.values()))})"
+    )
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"refusing to delete {what} from {manager.cache_dir} without --yes "
+                "(stdin is not a terminal to ask on)"
+            )
+        sys.stderr.write(f"Delete {what} from {manager.cache_dir}? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 0
+    for target in targets:
+        freed = manager.remove(target)
+        print(f"removed {target} ({human_bytes(freed)})")
+    return 0
+
+
+def _size(resolved: ResolvedConfig, repo: str | None, *, as_json: bool) -> int:
+    manager = ModelCacheManager.from_config(resolved.config, progress=False)
+    if repo is not None:
+        sizes = {repo: manager.model_size(repo)}
+    else:
+        sizes = {m.repo_id: m.size_bytes for m in manager.list_models()}
+    total = sum(sizes.values())
+    if as_json:
+        _print_json(
+            {
+                "cache_dir": str(manager.cache_dir),
+                "models": sizes,
+                "bytes": total,
+                "human": human_bytes(total),
+            }
+        )
+        return 0
+    for name, size in sizes.items():
+        print(f"{human_bytes(size):>10}  {size:>14} B  {name}")
+    if repo is None:
+        print(f"{human_bytes(total):>10}  {total:>14} B  total in {manager.cache_dir}")
+    return 0
+
+
+# -- prewarm, verify
+
+
+def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
+    config = resolved.config
+    repo = args.repo or config.model.name
+    if repo is None and config.model.path:
+        return _report_local(local_model(config.model.path), as_json=args.json)
+    if repo is None:
+        raise UsageError("give the MODEL to prewarm (org/name), or set model.name")
+    ranks = _ranks(args, config.distributed.strategy)
+    manager = ModelCacheManager.from_config(config, progress=not args.quiet)
+    common: dict[str, Any] = dict(
+        revision=config.model.revision,
+        ranks=ranks,
+        world_size=args.world_size,
+        strategy=config.distributed.strategy,
+        split=config.distributed.split,
+        weights=config.distributed.weights,
+        all_files=args.all_files,
+    )
+    if args.dry_run:
+        plan = manager.plan(repo, **common)
+        result: dict[str, Any] = {
+            "model": repo,
+            "revision": config.model.revision,
+            "commit": plan.commit,
+            "path": str(plan.path),
+            **_spec_json(ranks, args, config, plan.plan.split),
+            "needed": [
+                {"file": f, "size": plan.sizes.get(f), "cached": f in plan.cached}
+                for f in plan.plan.files
+            ],
+            "needed_bytes": sum(plan.sizes.get(f) or 0 for f in plan.plan.files),
+            "missing": plan.missing,
+            "missing_bytes": sum(plan.sizes.get(f) or 0 for f in plan.missing),
+            "dry_run": True,
+            "changed": False,
+        }
+    else:
+        model = manager.ensure_model(repo, force=config.cache.force_download, **common)
+        sizes = _sizes(manager, model)
+        result = {
+            "model": repo,
+            "revision": config.model.revision,
+            "commit": model.commit,
+            "path": str(model.path),
+            **_spec_json(ranks, args, config, None),
+            "needed": [{"file": f, "size": sizes.get(f)} for f in model.files],
+            "needed_bytes": sum(sizes.get(f) or 0 for f in model.files),
+            "fetched": model.fetched_files,
+            "fetched_bytes": model.fetched_bytes,
+            "seconds": round(model.seconds, 3),
+            "dry_run": False,
+            "changed": bool(model.fetched_files),
+        }
+    if args.json:
+        _print_json(result)
+        return 0
+    head = f"{repo} @ {result['commit'][:10]} ({config.model.revision}) -> {result['path']}"
+    print(head)
+    needed_bytes = sum(n["size"] or 0 for n in result["needed"])
+    print(f"  needed:  {len(result['needed'])} files, {human_bytes(needed_bytes)}")
+    for item in result["needed"]:
+        note = "" if not args.dry_run else ("  cached" if item["cached"] else "  missing")
+        size = human_bytes(item["size"]) if item["size"] is not None else "?"
+        print(f"    {item['file']}  {size}{note}")
+    if args.dry_run:
+        print(
+            f"  would fetch {len(result['missing'])} files, {human_bytes(result['missing_bytes'])}"
+        )
+    else:
+        print(
+            f"  fetched: {len(result['fetched'])} files, {human_bytes(result['fetched_bytes'])} "
+            f"in {result['seconds']:.1f}s"
+        )
+    return 0
+
+
+def _verify(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
+    config = resolved.config
+    repo = args.repo or config.model.name
+    if repo is None:
+        raise UsageError("give the MODEL to verify (org/name), or set model.name")
+    ranks = _ranks(args, config.distributed.strategy)
+    manager = ModelCacheManager.from_config(config, progress=False)
+    report = manager.verify(
+        repo,
+        revision=config.model.revision,
+        ranks=ranks,
+        world_size=args.world_size,
+        strategy=config.distributed.strategy,
+        split=config.distributed.split,
+        weights=config.distributed.weights,
+        all_files=args.all_files,
+    )
+    if args.json:
+        _print_json(
+            {
+                "model": repo,
+                "commit": report.commit,
+                "path": str(report.path),
+                "ok": report.ok,
+                "checked": report.checked,
+                "missing": report.missing,
+                "corrupt": report.corrupt,
+            }
+        )
+    else:
+        print(f"{repo} @ {report.commit[:10]} in {report.path}")
+        for name in report.checked:
+            problem = report.corrupt.get(name)
+            print(
+                f"  {'CORRUPT' if problem else 'ok':8} {name}{f'  ({problem})' if problem else ''}"
+            )
+        for name in report.missing:
+            print(f"  {'MISSING':8} {name}")
+    if not report.ok:
+        problems = [*(f"{n} missing" for n in report.missing), *report.corrupt]
+        raise CacheError(
+            f"{repo} is not usable for ranks {','.join(map(str, ranks))} of {args.world_size}: "
+            f"{len(report.missing)} missing, {len(report.corrupt)} corrupt "
+            f"({', '.join(problems[:5])}{', ...' if len(problems) > 5 else ''}); run `mlxnode "
+            f"cache prewarm {repo} --force-download`",
+            path=str(report.path),
+        )
+    return 0
+
+
+# -- helpers
+
+
+def _ranks(args: argparse.Namespace, strategy: str) -> list[int]:
+    if args.rank is not None:
+        return [args.rank]
+    if args.ranks is not None:
+        return args.ranks
+    if args.world_size > 1 and strategy == "pipeline" and not args.all_files:
+        raise UsageError(
+            f"a {args.world_size}-way pipeline needs --rank R or --ranks R,R to know which "
+            "layers this host holds (or --all for every file)"
+        )
+    return [0]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,2, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one rank")
+    return values
+
+
+def _spec_json(
+    ranks: Sequence[int], args: argparse.Namespace, config: Any, split: Sequence[int] | None
+) -> dict[str, Any]:
+    return {
+        "ranks": list(ranks),
+        "world_size": args.world_size,
+        "strategy": config.distributed.strategy,
+        "split": list(split) if split is not None else config.distributed.split,
+        "all_files": args.all_files,
+    }
+
+
+def _sizes(manager: ModelCacheManager, model: LocalModel) -> dict[str, int | None]:
+    from ..cache.layout import ModelPaths
+
+    metadata = read_metadata(ModelPaths(manager.cache_dir, model.repo_id))
+    files = metadata.commits[model.commit].files
+    return {f: files[f].size if f in files else None for f in model.files}
+
+
+def _report_local(model: LocalModel, *, as_json: bool) -> int:
+    result = {
+        "model": str(model.path),
+        "commit": None,
+        "path": str(model.path),
+        "needed": [{"file": f, "size": (model.path / f).stat().st_size} for f in model.files],
+        "fetched": [],
+        "fetched_bytes": 0,
+        "seconds": round(model.seconds, 3),
+        "changed": False,
+    }
+    if as_json:
+        _print_json(result)
+    else:
+        print(
+            f"{model.path} is a local model directory (--model-path): "
+            "used in place, nothing to fetch"
+        )
+    return 0
+
+
+def _model_json(model: Any) -> dict[str, Any]:
+    return {
+        "model": model.repo_id,
+        "path": str(model.path),
+        "size_bytes": model.size_bytes,
+        "last_used": model.last_used,
+        "commits": [
+            {
+                "commit": c.commit,
+                "revisions": c.revisions,
+                "path": str(c.path),
+                "files_present": c.files_present,
+                "files_expected": c.files_expected,
+                "complete_for": [
+                    {
+                        "ranks": p.ranks,
+                        "world_size": p.world_size,
+                        "strategy": p.strategy,
+                        "split": p.split,
+                        "all_files": p.all_files,
+                    }
+                    for p in c.complete_for
+                ],
+            }
+            for c in model.commits
+        ],
+    }
+
+
+def _describe_prewarm(p: Any) -> str:
+    if p.all_files:
+        return "all files"
+    ranks = ",".join(map(str, p.ranks))
+    split = f" [{','.join(map(str, p.split))}]" if p.split else ""
+    return f"ranks {ranks}/{p.world_size} {p.strategy}{split}"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
