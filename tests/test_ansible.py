@@ -1,0 +1,522 @@
+"""The Ansible layer without a testbed: lint, syntax, templates rendered by Ansible, filters.
+
+Templates are rendered by a real `ansible-playbook` run on localhost against a sample
+three-host inventory, then parsed by what consumes them: mlxnode's config loader,
+mlx.launch's hostfile parser, and plistlib for the macOS LaunchDaemon.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import plistlib
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PLAYBOOKS = sorted((ROOT / "playbooks").glob("*.yml"))
+ROLES = ("mlxnode_host", "mlxnode_config", "mlxnode_cache", "mlxnode_run")
+
+
+def _tool(name: str) -> str:
+    path = VENV_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def _ansible_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+        ANSIBLE_HOME=str(tmp_path / "ansible-home"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+    )
+    return env
+
+
+def _load_filters():
+    path = ROOT / "playbooks" / "filter_plugins" / "mlxnode_cluster.py"
+    spec = importlib.util.spec_from_file_location("mlxnode_cluster_filters", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+filters = _load_filters()
+
+
+# --------------------------------------------------------------------------- lint
+
+
+@pytest.mark.slow
+def test_ansible_lint_production_profile_is_clean():
+    proc = subprocess.run(
+        [_tool("ansible-lint"), "--nocolor", "--profile", "production"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
+
+
+def test_yamllint_is_clean():
+    proc = subprocess.run(
+        [_tool("yamllint"), "--strict", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=[p.name for p in PLAYBOOKS])
+def test_playbook_syntax(playbook, tmp_path):
+    proc = subprocess.run(
+        [
+            _tool("ansible-playbook"),
+            "--syntax-check",
+            "-i",
+            str(ROOT / "inventory" / "example" / "hosts.yml"),
+            str(playbook),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_ansible_env(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_playbook_is_checked():
+    names = {p.name for p in PLAYBOOKS}
+    assert {
+        "site.yml",
+        "provision.yml",
+        "configure.yml",
+        "prewarm.yml",
+        "run.yml",
+        "collect_logs.yml",
+        "health.yml",
+    } <= names
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_layout(role):
+    base = ROOT / "roles" / role
+    for rel in (
+        "defaults/main.yml",
+        "tasks/main.yml",
+        "meta/main.yml",
+        "README.md",
+        "molecule/default/molecule.yml",
+        "molecule/default/converge.yml",
+        "molecule/default/verify.yml",
+    ):
+        assert (base / rel).is_file(), f"{role}/{rel} is missing"
+    meta = yaml.safe_load((base / "meta/main.yml").read_text())
+    assert meta["dependencies"] == []
+    assert meta["galaxy_info"]["platforms"]
+    defaults = yaml.safe_load((base / "defaults/main.yml").read_text())
+    assert all(k.startswith(role + "_") for k in defaults), "defaults must be role-prefixed"
+    readme = (base / "README.md").read_text()
+    assert "## Role Variables" in readme and "## Example Playbook" in readme
+    # The README's "Role Variables" block is the defaults file itself, so it cannot drift.
+    body = (base / "defaults/main.yml").read_text().split("\n", 1)[1].strip()
+    assert body in readme, f"{role}/README.md is out of date with defaults/main.yml"
+
+
+def test_example_inventory_parses_and_orders_ranks(tmp_path):
+    proc = subprocess.run(
+        [
+            _tool("ansible-inventory"),
+            "-i",
+            str(ROOT / "inventory" / "example" / "hosts.yml"),
+            "--list",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_ansible_env(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    hosts = data["mlx_cluster"]["hosts"]
+    hostvars = data["_meta"]["hostvars"]
+    assert len(hosts) == 3
+    assert filters.rank_order(hosts, hostvars) == hosts
+    assert all("mlxnode_mlx_ip" in hostvars[h] for h in hosts)
+    assert hostvars[hosts[0]]["mlxnode_model"]
+
+
+# --------------------------------------------------------------------------- templates
+
+SAMPLE_INVENTORY = {
+    "all": {
+        "children": {
+            "mlx_cluster": {
+                "hosts": {
+                    # Deliberately not in rank order: mlxnode_rank decides.
+                    "mini": {
+                        "ansible_host": "192.0.2.13",
+                        "mlxnode_mlx_ip": "10.10.0.3",
+                        "mlxnode_rank": 2,
+                        "mlxnode_memory_weight": 64,
+                        "mlxnode_rdma_devices": {"studio": "rdma_en3", "pro": "rdma_en4"},
+                    },
+                    "studio": {
+                        "ansible_host": "192.0.2.11",
+                        "mlxnode_mlx_ip": "10.10.0.1",
+                        "mlxnode_rank": 0,
+                        "mlxnode_memory_weight": 192,
+                        "mlxnode_rdma_devices": {"pro": "rdma_en2", "mini": "rdma_en3"},
+                    },
+                    "pro": {
+                        "ansible_host": "192.0.2.12",
+                        "mlxnode_rank": 1,
+                        "mlxnode_memory_weight": 96,
+                        "mlxnode_rdma_devices": {"studio": "rdma_en2", "mini": "rdma_en4"},
+                    },
+                },
+                "vars": {
+                    "ansible_connection": "local",
+                    "ansible_python_interpreter": sys.executable,
+                    "mlxnode_model": "mlx-community/Example-3B-4bit",
+                    "mlxnode_strategy": "pipeline",
+                    "mlxnode_max_tokens": 64,
+                    "mlxnode_cache_dir": "/srv/models",
+                },
+            }
+        }
+    }
+}
+
+
+def _render_playbook(out: Path, backend: str) -> str:
+    roles = ROOT / "roles"
+    return textwrap.dedent(
+        f"""\
+        ---
+        - name: Render every template for the sample inventory.
+          hosts: mlx_cluster
+          gather_facts: true
+          vars:
+            out: "{out}"
+            mlxnode_backend: {backend}
+            mlxnode_venv_dir: /opt/mlxnode/venv
+          tasks:
+            - name: Load the roles' defaults and vars as the roles would.
+              ansible.builtin.include_vars:
+                file: "{{{{ item }}}}"
+              loop:
+                - {roles}/mlxnode_config/defaults/main.yml
+                - {roles}/mlxnode_config/vars/main.yml
+                - {roles}/mlxnode_host/defaults/main.yml
+                - {roles}/mlxnode_host/vars/main.yml
+            - name: Make the output directory.
+              ansible.builtin.file:
+                path: "{{{{ out }}}}/{{{{ inventory_hostname }}}}"
+                state: directory
+                mode: "0755"
+            - name: Render config.yaml.
+              ansible.builtin.template:
+                src: {roles}/mlxnode_config/templates/config.yaml.j2
+                dest: "{{{{ out }}}}/{{{{ inventory_hostname }}}}/config.yaml"
+                mode: "0644"
+            - name: Render the hostfile on the launcher.
+              ansible.builtin.template:
+                src: {roles}/mlxnode_config/templates/hosts.json.j2
+                dest: "{{{{ out }}}}/{{{{ inventory_hostname }}}}/hosts.json"
+                mode: "0644"
+              when: inventory_hostname == __mlxnode_config_launcher
+            - name: Render the LaunchDaemon plist.
+              ansible.builtin.template:
+                src: {roles}/mlxnode_host/templates/wired-limit.plist.j2
+                dest: "{{{{ out }}}}/{{{{ inventory_hostname }}}}/wired-limit.plist"
+                mode: "0644"
+            - name: Record the facts the templates used.
+              ansible.builtin.copy:
+                content: "{{{{ {{'memtotal_mb': ansible_facts.memtotal_mb}} | to_json }}}}"
+                dest: "{{{{ out }}}}/{{{{ inventory_hostname }}}}/facts.json"
+                mode: "0644"
+        """
+    )
+
+
+def _render(tmp_path: Path, backend: str = "ring") -> Path:
+    out = tmp_path / "out"
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump(SAMPLE_INVENTORY))
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(_render_playbook(out, backend))
+    proc = subprocess.run(
+        [_tool("ansible-playbook"), "-i", str(inventory), str(playbook)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_ansible_env(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    return _render(tmp_path_factory.mktemp("render"))
+
+
+def test_config_yaml_loads_with_mlxnodes_config_loader(rendered):
+    from mlxnode.config import load_config
+
+    for host, rank in (("studio", 0), ("pro", 1), ("mini", 2)):
+        path = rendered / host / "config.yaml"
+        assert f"rank {rank} of 3" in path.read_text()
+        resolved = load_config(config_path=path, environ={})
+        cfg = resolved.config
+        assert cfg.model.name == "mlx-community/Example-3B-4bit"
+        assert cfg.model.path is None
+        assert cfg.generation.max_tokens == 64
+        assert cfg.generation.temperature == 0.0
+        assert cfg.cache.dir == "/srv/models"
+        assert cfg.cache.offline is True
+        assert cfg.distributed.strategy == "pipeline"
+        assert cfg.distributed.backend == "ring"
+        # No split given: the hosts' memory weights, in rank order.
+        assert cfg.distributed.split is None
+        assert cfg.distributed.weights == [192.0, 96.0, 64.0]
+        assert resolved.sources["model.name"] == str(path)
+
+
+def test_hostfile_is_what_mlx_launch_parses(rendered):
+    from mlx._distributed_utils.common import Hostfile
+
+    assert not (rendered / "pro" / "hosts.json").exists(), "only the launcher gets a hostfile"
+    path = rendered / "studio" / "hosts.json"
+    data = json.loads(path.read_text())
+    assert data == [
+        {"ssh": "192.0.2.11", "ips": ["10.10.0.1"]},
+        {"ssh": "192.0.2.12", "ips": ["192.0.2.12"]},  # no mlxnode_mlx_ip: ansible_host
+        {"ssh": "192.0.2.13", "ips": ["10.10.0.3"]},
+    ]
+    hostfile = Hostfile.from_file(path)
+    assert [h.rank for h in hostfile.hosts] == [0, 1, 2]
+    assert [h.ssh_hostname for h in hostfile.hosts] == ["192.0.2.11", "192.0.2.12", "192.0.2.13"]
+
+
+def test_jaccl_hostfile_has_the_rdma_matrix(tmp_path):
+    from mlx._distributed_utils.common import Hostfile
+
+    out = _render(tmp_path, backend="jaccl")
+    hostfile = Hostfile.from_file(out / "studio" / "hosts.json")
+    assert [h.rdma for h in hostfile.hosts] == [
+        [None, "rdma_en2", "rdma_en3"],
+        ["rdma_en2", None, "rdma_en4"],
+        ["rdma_en3", "rdma_en4", None],
+    ]
+    cfg = yaml.safe_load((out / "pro" / "config.yaml").read_text())
+    assert cfg["distributed"]["backend"] == "jaccl"
+
+
+def test_launch_daemon_plist_sets_the_wired_limit(rendered):
+    for host in ("studio", "mini"):
+        memtotal = json.loads((rendered / host / "facts.json").read_text())["memtotal_mb"]
+        with (rendered / host / "wired-limit.plist").open("rb") as f:
+            plist = plistlib.load(f)
+        expected = memtotal - max(8192, int(memtotal * 0.15))
+        assert plist["Label"] == "com.mlxnode.wired-limit"
+        assert plist["RunAtLoad"] is True
+        assert plist["ProgramArguments"] == [
+            "/usr/sbin/sysctl",
+            f"iogpu.wired_limit_mb={expected}",
+        ]
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _hv(**ranks):
+    return {h: ({"mlxnode_rank": r} if r is not None else {}) for h, r in ranks.items()}
+
+
+def test_rank_order_is_inventory_order_without_ranks():
+    assert filters.rank_order(["a", "b", "c"], _hv(a=None, b=None, c=None)) == ["a", "b", "c"]
+
+
+def test_rank_order_follows_explicit_ranks():
+    assert filters.rank_order(["a", "b", "c"], _hv(a=2, b=0, c=1)) == ["b", "c", "a"]
+    assert filters.rank_order(["a", "b"], _hv(a="1", b="0")) == ["b", "a"]
+
+
+@pytest.mark.parametrize(
+    ("hostvars", "message"),
+    [
+        (_hv(a=0, b=0, c=1), "rank 0 is claimed by a, b"),
+        (_hv(a=0, b=2, c=3), "no host has rank 1"),
+        (_hv(a=0, b=1, c=None), "not on c"),
+        (_hv(a=0, b="x", c=1), "is not an integer"),
+        (_hv(a=0, b=1, c=5), "outside 0..2"),
+    ],
+)
+def test_rank_order_rejects_bad_ranks_clearly(hostvars, message):
+    with pytest.raises(filters.AnsibleFilterError, match=message):
+        filters.rank_order(["a", "b", "c"], hostvars)
+
+
+def test_bad_ranks_fail_the_play_with_the_message(tmp_path):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "mlx_cluster": {
+                    "hosts": {"a": {"mlxnode_rank": 0}, "b": {"mlxnode_rank": 0}},
+                    "vars": {
+                        "ansible_connection": "local",
+                        "ansible_python_interpreter": sys.executable,
+                    },
+                }
+            }
+        )
+    )
+    proc = subprocess.run(
+        [
+            _tool("ansible-playbook"),
+            "-i",
+            str(inventory),
+            str(ROOT / "playbooks" / "configure.yml"),
+            "-e",
+            "mlxnode_model=org/name",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_ansible_env(tmp_path),
+    )
+    assert proc.returncode != 0
+    assert "rank 0 is claimed by a, b" in proc.stdout + proc.stderr
+
+
+def test_memory_weights_all_or_nothing():
+    hv = {"a": {"mlxnode_memory_weight": 64}, "b": {"mlxnode_memory_weight": "32"}}
+    assert filters.memory_weights(["a", "b"], hv) == [64.0, 32.0]
+    assert filters.memory_weights(["a", "b"], {"a": {}, "b": {}}) == []
+    with pytest.raises(filters.AnsibleFilterError, match="not on b"):
+        filters.memory_weights(["a", "b"], {"a": {"mlxnode_memory_weight": 1}, "b": {}})
+
+
+def test_layout_args_prefers_split_over_weights():
+    assert filters.layout_args("pipeline", [4, 2, 2], [1, 1, 1]) == [
+        "--strategy",
+        "pipeline",
+        "--split",
+        "4,2,2",
+    ]
+    assert filters.layout_args("pipeline", [], [192, 64.5]) == [
+        "--strategy",
+        "pipeline",
+        "--weights",
+        "192,64.5",
+    ]
+    assert filters.layout_args("tensor") == ["--strategy", "tensor"]
+
+
+def test_rsync_reaches_hosts_the_way_ansible_does():
+    hv = {
+        "ansible_host": "10.0.0.5",
+        "ansible_user": "mlx",
+        "ansible_port": 2222,
+        "ansible_ssh_private_key_file": "/k/id",
+        "ansible_ssh_common_args": "-o UserKnownHostsFile=/k/known_hosts -o StrictHostKeyChecking=yes",
+    }
+    assert filters.rsync_ssh(hv) == (
+        "ssh -o BatchMode=yes -p 2222 -i /k/id -o UserKnownHostsFile=/k/known_hosts "
+        "-o StrictHostKeyChecking=yes"
+    )
+    assert filters.rsync_target(hv, "h", "/data/") == "mlx@10.0.0.5:/data/"
+    assert filters.rsync_target({}, "h", "/d/") == "h:/d/"
+    assert filters.known_hosts_file(hv) == "/k/known_hosts"
+    assert filters.known_hosts_file({}) == "~/.ssh/known_hosts"
+
+
+def _healthy(host, rank, **over):
+    rec = {
+        "host": host,
+        "rank": rank,
+        "reachable": True,
+        "venv_ok": True,
+        "versions": {"python": "/v/bin/python", "mlx": "0.32.4", "mlxnode": "0.1.0"},
+        "need": {"needed": [{"file": "a", "size": 1000}], "missing_bytes": 0},
+        "verify": {"ok": True, "missing": [], "corrupt": {}},
+        "mem_free_mb": 1000,
+        "disk_free_kb": 10_000_000,
+    }
+    rec.update(over)
+    return rec
+
+
+def test_health_flags_each_kind_of_problem():
+    records = [
+        _healthy("a", 0),
+        _healthy("b", 1, verify={"ok": False, "missing": ["m-2.safetensors"], "corrupt": {}}),
+        _healthy("c", 2, versions={"python": "/v/bin/python", "mlx": "0.31.0", "mlxnode": "0.1.0"}),
+        {},
+        _healthy("e", 4, mem_free_mb=0),
+    ]
+    result = filters.health(records, ["a", "b", "c", "d", "e"], disk_margin=0)
+    assert result["not_ready"] == ["b", "c", "d", "e"]
+    problems = {row["host"]: row["problem"] for row in result["rows"]}
+    assert problems["a"] == ""
+    assert "missing m-2.safetensors" in problems["b"]
+    assert "versions differ" in problems["c"]
+    assert problems["d"] == "unreachable"
+    assert "free memory" in problems["e"]
+    assert result["lines"][0].split()[:3] == ["host", "rank", "ready"]
+
+
+def test_health_all_ready():
+    result = filters.health([_healthy("a", 0), _healthy("b", 1)], ["a", "b"])
+    assert result["ready"] is True and result["not_ready"] == []
+
+
+def test_table_aligns_columns():
+    lines = filters.table([{"a": "x", "b": 10}, {"a": "long", "b": None}], ["a", "b"])
+    assert lines == ["a     b", "----  --", "x     10", "long"]
+
+
+# --------------------------------------------------------------------------- wheelhouse
+
+
+def _wheelhouse_module():
+    path = ROOT / "roles" / "mlxnode_host" / "files" / "build_wheelhouse.py"
+    spec = importlib.util.spec_from_file_location("build_wheelhouse", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wheelhouse_key_depends_only_on_what_decides_the_wheels():
+    wh = _wheelhouse_module()
+    base = wh.deps_key(b"deps", "mlxnode[cpu]", [], "3.11", ["b", "a"])
+    assert base == wh.deps_key(b"deps", "mlxnode[cpu]", [], "3.11", ["a", "b", "a"])
+    assert base != wh.deps_key(b"deps2", "mlxnode[cpu]", [], "3.11", ["a", "b"])
+    assert base != wh.deps_key(b"deps", "mlxnode[cuda]", [], "3.11", ["a", "b"])
+    assert base != wh.deps_key(b"deps", "mlxnode[cpu]", [], "3.12", ["a", "b"])
+
+
+def test_macos_wheelhouse_keeps_darwin_only_dependencies():
+    wh = _wheelhouse_module()
+    darwin = {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64"}
+    added = wh.marker_only_deps(ROOT, "mlxnode", darwin)
+    assert any(spec.startswith("mlx==") or spec.startswith("mlx<") for spec in added), added
+    assert wh.marker_only_deps(ROOT, "mlxnode[cpu]", {"sys_platform": "linux"}) == []
