@@ -351,10 +351,17 @@ class Engine:
         gen = self.config.generation
         mx.random.seed(gen.seed)
         sampler = _make_sampler(gen.temperature, gen.top_p)
+        from mlx_lm.generate import generation_stream
+
         with _peer_errors(self.rank, "generating"), self._guard_step("generating"):
             if len(batch) == 1:
-                return self._stream(batch[0], sampler=sampler, on_text=on_text)
-            return self._batch(batch, sampler=sampler)
+                result = self._stream(batch[0], sampler=sampler, on_text=on_text)
+            else:
+                result = self._batch(batch, sampler=sampler)
+            # mlx-lm starts computing the next token before it knows it is done; that step
+            # holds collectives, and any collective we run next must not overtake it.
+            mx.synchronize(generation_stream)
+        return result
 
     def _stream(
         self, item: EncodedPrompt, *, sampler: Callable, on_text: Callable[[str], None] | None
@@ -580,18 +587,27 @@ def _run(
     single = len(batch) == 1
 
     def on_text(text: str) -> None:
-        if out is not None:
+        nonlocal out
+        if out is None:
+            return
+        try:
             out.write(text)
             out.flush()
+        except BrokenPipeError:
+            # The reader left (`| head`); keep generating in step with the other ranks,
+            # which would otherwise wait on this one until their watchdog fires.
+            logger.info("stdout was closed; finishing the run without printing")
+            out = None
 
     generation = engine.generate(batch, on_text=on_text if single else None)
-    if out is not None:
-        if single:
-            out.write("\n")
-        elif output is None:
-            for c in generation.completions:
-                out.write(json.dumps(c.as_record(), ensure_ascii=False) + "\n")
-        out.flush()
+    if single:
+        on_text("\n")
+    elif output is None:
+        on_text(
+            "".join(
+                json.dumps(c.as_record(), ensure_ascii=False) + "\n" for c in generation.completions
+            )
+        )
 
     with engine._guard_step("gathering metrics"):
         ranks = distributed.all_gather_json(
@@ -845,16 +861,27 @@ def _load_tokenizer(model_dir: Path, model_config: dict[str, Any], chat_template
 
     extra = {}
     if chat_template:
-        template_file = Path(chat_template).expanduser()
-        if len(chat_template) < 4096 and template_file.is_file():
-            chat_template = template_file.read_text(encoding="utf-8")
-        extra["chat_template"] = chat_template
+        extra["chat_template"] = _read_template(chat_template)
     try:
         return load_tokenizer(
             model_dir, extra or None, eos_token_ids=model_config.get("eos_token_id")
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {e}") from e
+
+
+def _read_template(value: str) -> str:
+    """``--chat-template``: Jinja text as is, or the text of the file it names."""
+    if "{" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"--chat-template {value!r} is neither a Jinja template (no '{{') nor a readable "
+            f"file ({e})"
+        ) from e
 
 
 def _instantiate(model_dir: Path, name: str) -> nn.Module:

@@ -1,0 +1,55 @@
+"""The watchdog ends a stuck process with exit code 6, naming its rank and host."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+from mlxnode.errors import DistributedSetupError
+
+STUCK = textwrap.dedent(
+    """
+    import time
+    from mlxnode.logs import setup_logging
+    from mlxnode.watchdog import Watchdog
+
+    setup_logging("INFO")
+    with Watchdog(rank=3, timeout=1.0) as dog, dog.guard("testing a stuck step"):
+        for _ in range(int({beats})):
+            time.sleep(0.3)
+            dog.beat()
+        time.sleep({stuck})
+    print("finished", flush=True)
+    """
+)
+
+
+def _run(beats: int, stuck: float) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", STUCK.format(beats=beats, stuck=stuck)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, time.monotonic() - started
+
+
+def test_a_stuck_phase_exits_6_naming_rank_and_host():
+    result, seconds = _run(beats=0, stuck=30)
+    assert result.returncode == DistributedSetupError.exit_code == 6
+    assert result.stdout == ""
+    assert seconds < 10
+    host = socket.gethostname()
+    line = f"rank 3 on {host}: no progress for 1s while testing a stuck step"
+    assert f"mlxnode: error: {line}" in result.stderr
+    assert f"ERROR mlxnode.watchdog: {line}" in result.stderr  # logged too, in the log format
+
+
+def test_beats_keep_a_slow_but_moving_phase_alive():
+    result, _ = _run(beats=6, stuck=0)  # 1.8 s in all, never 1 s without a beat
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "finished\n"
