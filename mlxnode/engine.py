@@ -320,6 +320,7 @@ class Engine:
             world_size=self.world_size,
             strategy=TENSOR if plan.strategy != PIPELINE else PIPELINE,
             split=plan.split,
+            force=self.config.cache.force_download,
         )
         logger.info(
             "model files ready in %s (%d fetched, %.1f MiB, %.1fs)",
@@ -839,13 +840,8 @@ def _metadata_dir(config: Config) -> tuple[Path, str, bool]:
 
 def _cache_manager(config: Config) -> Any:
     """The model cache for ``model.name``: the one place the engine touches it."""
-    try:
-        from .cache import ModelCacheManager
-    except ImportError as e:
-        raise ModelLoadError(
-            "this build of mlxnode has no model cache, so --model cannot fetch "
-            f"{config.model.name}; pass --model-path DIR"
-        ) from e
+    from .cache import ModelCacheManager
+
     return ModelCacheManager.from_config(config)
 
 

@@ -155,7 +155,9 @@ def _launch_argv(ranks: int, args: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def mlxnode_run(ranks: int, *args: str | Path, cwd: Path, timeout: float = 120) -> Job:
+def mlxnode_run(
+    ranks: int, *args: str | Path, cwd: Path, timeout: float = 120, env: dict | None = None
+) -> Job:
     """`mlxnode run ARGS` on `ranks` ranks (1: no launcher); waits for the whole job."""
     started = time.monotonic()
     result = subprocess.run(
@@ -165,6 +167,7 @@ def mlxnode_run(ranks: int, *args: str | Path, cwd: Path, timeout: float = 120) 
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     codes = {int(r): int(c) for r, c in RANK_EXIT.findall(result.stderr)}
     return Job(result.returncode, result.stdout, result.stderr, time.monotonic() - started, codes)
@@ -424,6 +427,27 @@ def test_two_way_pipeline_halves_peak_memory_and_logs_per_rank(models, tmp_path)
         assert any("loaded layers" in line and "peak memory" in line for line in lines)
     rank0 = (tmp_path / "logs" / "run.rank0.log").read_text()
     assert "strategy pipeline" in rank0 and "generation:" in rank0 and "tok/s" in rank0
+
+
+@pytest.mark.slow
+def test_model_from_the_cache_runs_and_is_listed(hub, tmp_path):
+    repo = "mlxnode-test/tiny-llama"  # published by conftest's hub fixture
+    env = {"HF_ENDPOINT": hub.endpoint, "MLXNODE_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out.jsonl"
+    job = mlxnode_run(
+        2,
+        "--model", repo, "--split", "6,2", "--no-chat-template", "--max-tokens", MAX_TOKENS,
+        "--output", out, PROMPT,
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert job.returncode == 0 and not job.rank_codes, job.stderr
+    (record,) = job.records(out)
+    assert record["token_ids"] == reference(hub.root / repo, PROMPT)
+    assert job.stderr.count("model files ready in") == 2  # each rank asked for its files
+    listed = mlxnode_run(1, "--list-cached", cwd=tmp_path, env=env)
+    assert listed.returncode == 0 and repo in listed.stdout, listed.stderr
+    cleared = mlxnode_run(1, "--clear-cache", "--model", repo, "--yes", cwd=tmp_path, env=env)
+    assert cleared.returncode == 0 and f"removed {repo}" in cleared.stdout, cleared.stderr
 
 
 # -- failures end the whole job

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import ResolvedConfig
 from ..errors import MlxnodeError, UsageError
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
 from .common import add_config_flags, configure
@@ -46,7 +47,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--list-cached", action="store_true", help="List cached models and exit.")
     parser.add_argument(
-        "--clear-cache", action="store_true", help="Delete the model from the cache and exit."
+        "--clear-cache",
+        action="store_true",
+        help="Delete --model from the cache (every model without --model) and exit.",
+    )
+    parser.add_argument(
+        "--yes", action="store_true", help="With --clear-cache: delete without asking."
     )
     add_config_flags(parser)
     parser.set_defaults(handler=main)
@@ -92,15 +98,9 @@ def _prompt_reader(args: argparse.Namespace):
     return read
 
 
-def _cache_action(args: argparse.Namespace, resolved) -> int:
-    from . import cache
+def _cache_action(args: argparse.Namespace, resolved: ResolvedConfig) -> int:
+    from .cache import clear_models, list_models
 
     if args.list_cached:
-        list_models = getattr(cache, "list_models", None)
-        if list_models is None:
-            raise MlxnodeError("listing the cache is not available in this build yet")
         return list_models(resolved)
-    clear_models = getattr(cache, "clear_models", None)
-    if clear_models is None:
-        raise MlxnodeError("clearing the cache is not available in this build yet")
-    return clear_models(resolved, resolved.config.model.name)
+    return clear_models(resolved, resolved.config.model.name, yes=args.yes)
