@@ -1,0 +1,279 @@
+"""The Ansible layer end to end on a real 3-host testbed, with a Hub server on the bridge.
+
+site.yml installs from the controller's wheelhouse (the hosts have no package index) and
+prewarms an uneven pipeline split; run.yml generates across the three hosts with
+mlx.launch and must equal single-process mlx-lm; a second site.yml changes nothing;
+health.yml passes, then fails with a table once a cache file is gone; fanout fetches
+every file from the Hub once. Everything is torn down even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# A name and subnet of its own, so a developer's `mlxnode` testbed is never touched.
+NAME = "mlxans"
+SUBNET = "10.213.10.0/24"
+MODEL = "mlxnode-test/tiny-llama"
+SPLIT = [4, 2, 2]  # uneven on purpose: rank 0 holds layers 4-7, rank 1 2-3, rank 2 0-1
+PROMPT = "The morning train left the station"
+MAX_TOKENS = 12
+RECAP = re.compile(
+    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
+)
+LOG_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[Rank (\d+)/3\] (DEBUG|INFO|WARNING|ERROR) \S+: "
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root"),
+    pytest.mark.skipif(
+        not (shutil.which("ip", path="/usr/sbin:/sbin") and os.access("/usr/sbin/sshd", os.X_OK)),
+        reason="the testbed needs iproute2 and openssh-server",
+    ),
+    pytest.mark.skipif(not shutil.which("rsync"), reason="the roles push files with rsync"),
+]
+
+
+@dataclass
+class Cluster:
+    bed: object
+    hub: object
+    hub_root: Path
+    inventory: Path
+    work: Path
+
+    def playbook(self, name: str, *extra: str, timeout: float = 600) -> Play:
+        argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory)]
+        argv += [str(ROOT / "playbooks" / name), *extra]
+        env = {
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_LOCAL_TEMP": str(self.work / "ansible-tmp"),
+        }
+        started = time.monotonic()
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        return Play(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
+
+    def ssh(self, host: str, command: str) -> str:
+        proc = subprocess.run(
+            self.bed.ssh_command(host, command), capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def snapshot_files(self, host: str) -> set[str]:
+        out = self.ssh(host, "ls ~/.cache/mlx_models/*/snapshots/*/ 2>/dev/null || true")
+        return set(out.split())
+
+
+@dataclass
+class Play:
+    rc: int
+    output: str
+    seconds: float
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        return {
+            m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]),
+                   "failed": int(m[4])}
+            for m in RECAP.findall(self.output)
+        }  # fmt: skip
+
+    def check(self) -> Play:
+        assert self.rc == 0, self.output[-8000:]
+        return self
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    from mlxnode.testing.hubserver import HubServer
+    from mlxnode.testing.testbed import Testbed
+    from mlxnode.testing.tiny_model import make_tiny_model
+
+    work = tmp_path_factory.mktemp("ansible-e2e")
+    hub_root = work / "hub"
+    make_tiny_model(hub_root / MODEL, arch="llama", num_layers=8, num_shards=4)
+    bed = Testbed(NAME, hosts=3, subnet=SUBNET)
+    bed.down()  # whatever an interrupted earlier run left behind
+    try:
+        bed.up()
+        with HubServer(hub_root, host=bed.controller_ip, port=0) as hub:
+            inventory = work / "inventory" / "hosts.yml"
+            bed.write_inventory(
+                inventory,
+                group_vars={
+                    "mlxnode_model": MODEL,
+                    "mlxnode_split": SPLIT,
+                    "mlxnode_strategy": "pipeline",
+                    "mlxnode_hf_endpoint": hub.endpoint,
+                    "mlxnode_cache_controller_dir": str(work / "controller-cache"),
+                    "mlxnode_run_logs_dir": str(work / "logs"),
+                },
+            )
+            yield Cluster(bed, hub, hub_root, inventory, work)
+    finally:
+        bed.down()
+
+
+def _needed(cluster: Cluster, rank: int) -> set[str]:
+    from mlxnode.sharding import files_for_layers, layer_range
+
+    repo = cluster.hub_root / MODEL
+    index = json.loads((repo / "model.safetensors.index.json").read_text())
+    start, end = layer_range(8, rank, 3, split=SPLIT)
+    weights = files_for_layers(index["weight_map"], start, end)
+    others = {p.name for p in repo.iterdir() if not p.name.endswith(".safetensors")}
+    return weights | others
+
+
+def test_site_deploys_from_the_wheelhouse_and_prewarms_each_rank_its_files(cluster):
+    play = cluster.playbook("site.yml", timeout=900).check()
+    print(f"\nfirst site.yml: {play.seconds:.1f} s")
+    recap = play.recap()
+    assert set(recap) == {"h1", "h2", "h3"} and all(r["failed"] == 0 for r in recap.values())
+    for rank, host in enumerate(("h1", "h2", "h3")):
+        held = cluster.snapshot_files(host)
+        assert held == _needed(cluster, rank), f"{host} (rank {rank}) holds {sorted(held)}"
+        # Installed from the copied wheelhouse with --no-index: the hosts have no index.
+        wheels = cluster.ssh(host, "ls ~/.mlxnode/wheelhouse")
+        assert "requirements.lock" in wheels and "mlxnode-" in wheels
+    assert len({frozenset(cluster.snapshot_files(h)) for h in ("h1", "h2", "h3")}) == 3
+    assert "Hosts disagree" not in play.output
+
+
+def test_second_site_run_changes_nothing(cluster):
+    play = cluster.playbook("site.yml").check()
+    print(f"\nsecond site.yml: {play.seconds:.1f} s")
+    recap = play.recap()
+    assert recap and all(r["changed"] == 0 for r in recap.values()), recap
+
+
+def test_run_equals_single_process_mlx_lm_and_brings_back_every_rank_log(cluster):
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+
+    run_id = "e2e-greedy"
+    play = cluster.playbook(
+        "run.yml",
+        "-e",
+        json.dumps(
+            {
+                "prompt": PROMPT,
+                "run_id": run_id,
+                "mlxnode_run_args": ["--max-tokens", str(MAX_TOKENS), "--no-chat-template"],
+            }
+        ),
+    ).check()
+    logs = cluster.work / "logs" / run_id
+    (record,) = [json.loads(x) for x in (logs / "h1" / "results.jsonl").read_text().splitlines()]
+    model, tokenizer = load(str(cluster.hub_root / MODEL))
+    expected = [
+        r.token
+        for r in stream_generate(model, tokenizer, PROMPT, max_tokens=MAX_TOKENS)
+        if r.finish_reason != "stop"
+    ]
+    assert record["token_ids"] == expected
+    assert record["completion"] in play.output  # rank 0's answer is printed
+    metrics = json.loads((logs / "h1" / "metrics.json").read_text())
+    assert metrics["world_size"] == 3 and metrics["split"] == SPLIT
+    assert [r["host"] for r in metrics["ranks"]] == ["h1", "h2", "h3"]
+    for rank, host in enumerate(("h1", "h2", "h3")):
+        lines = (logs / host / f"inference.rank{rank}.log").read_text().splitlines()
+        assert lines and all(LOG_LINE.match(line) for line in lines), lines[:3]
+        assert {int(LOG_LINE.match(line)[1]) for line in lines} == {rank}
+
+
+def test_a_failed_rank_fails_the_play_and_its_logs_still_come_back(cluster):
+    run_id = "e2e-bad-split"
+    play = cluster.playbook(
+        "run.yml",
+        "-e",
+        json.dumps(
+            {
+                "prompt": PROMPT,
+                "run_id": run_id,
+                # Adds up to 9 layers for an 8-layer model: every rank refuses to start.
+                "mlxnode_run_args": ["--max-tokens", "2", "--split", "5,2,2"],
+            }
+        ),
+    )
+    assert play.rc != 0
+    logs = cluster.work / "logs" / run_id
+    assert (logs / "h1" / "launcher.stderr.log").is_file()
+    for rank, host in enumerate(("h1", "h2", "h3")):
+        assert (logs / host / f"inference.rank{rank}.log").is_file(), sorted(logs.rglob("*"))
+
+
+def test_health_passes_then_names_the_host_missing_a_file(cluster):
+    play = cluster.playbook("health.yml").check()
+    assert "All 3 hosts are ready" in play.output
+    missing = sorted(f for f in _needed(cluster, 1) if f.endswith(".safetensors"))[0]
+    cluster.ssh("h2", f"rm ~/.cache/mlx_models/*/snapshots/*/{missing}")
+    try:
+        play = cluster.playbook("health.yml")
+        assert play.rc != 0
+        assert "Not ready: h2" in play.output
+        row = next(line for line in play.output.splitlines() if line.strip().startswith("h2 "))
+        assert " NO " in row and f"missing {missing}" in row
+        assert re.search(r"^\s*h1\s+0\s+yes\s", play.output, re.M)
+    finally:
+        cluster.playbook("prewarm.yml").check()
+
+
+def test_fanout_fetches_every_file_from_the_hub_once(cluster):
+    for host in ("h1", "h2", "h3"):
+        cluster.ssh(host, "rm -rf ~/.cache/mlx_models")
+    shutil.rmtree(cluster.work / "controller-cache", ignore_errors=True)
+    cluster.hub.stats.reset()
+    play = cluster.playbook("prewarm.yml", "-e", "mlxnode_cache_mode=fanout").check()
+    repo = cluster.hub_root / MODEL
+    for path in repo.iterdir():
+        assert cluster.hub.stats.file_gets(f"*/{path.name}") == 1, path.name
+    total = sum(p.stat().st_size for p in repo.iterdir())
+    assert cluster.hub.stats.file_bytes() == total
+    for rank, host in enumerate(("h1", "h2", "h3")):
+        assert cluster.snapshot_files(host) == _needed(cluster, rank)
+    assert "fanout mode" in play.output
+    # A rerun pushes nothing.
+    again = cluster.playbook("prewarm.yml", "-e", "mlxnode_cache_mode=fanout").check()
+    assert all(r["changed"] == 0 for r in again.recap().values())
+
+
+@pytest.mark.skipif(not (VENV_BIN / "molecule").exists(), reason="molecule is not installed")
+@pytest.mark.parametrize("role", ["mlxnode_host", "mlxnode_config", "mlxnode_cache", "mlxnode_run"])
+def test_molecule_scenario(cluster, role):
+    env = {
+        **os.environ,
+        "MLXNODE_INVENTORY": str(cluster.inventory),
+        "ANSIBLE_NOCOLOR": "1",
+        "NO_COLOR": "1",
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.run(
+        [str(VENV_BIN / "molecule"), "test"],
+        cwd=ROOT / "roles" / role,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
