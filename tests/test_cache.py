@@ -220,6 +220,14 @@ def test_second_prewarm_fetches_nothing(manager, hub):
     assert again.path == first.path and again.files == first.files
 
 
+def test_a_pinned_commit_needs_no_hub_once_cached(manager, hub):
+    commit = hub.commit_sha(TINY_SINGLE)
+    first = manager.ensure_model(TINY_SINGLE, revision=commit)
+    hub.stats.reset()
+    again = manager.ensure_model(TINY_SINGLE, revision=commit)
+    assert again.commit == first.commit == commit and hub.stats.count() == 0
+
+
 def test_metadata_records_commit_sizes_hashes_and_prewarm(manager, hub, cache_dir):
     model = manager.ensure_model(TINY_LLAMA, ranks=[0], world_size=2, strategy="pipeline")
     paths = ModelPaths(cache_dir, TINY_LLAMA)
@@ -567,6 +575,7 @@ def test_disk_full_is_reported_before_downloading(hub, small_disk):
     assert manager.verify(TINY_LLAMA).ok and set(SHARDS) <= set(model.files)
 
 
+@pytest.mark.filterwarnings("ignore:Not enough free disk space")
 def test_disk_filling_up_mid_download_leaves_no_partial_file(hub, small_disk, monkeypatch):
     import mlxnode.cache.manager as manager_module
 

@@ -422,6 +422,9 @@ class ModelCacheManager:
                     path=str(paths.root),
                 )
             return cached_commit, cached.files
+        if layout.is_commit(revision) and cached is not None and cached.files:
+            # A commit never changes: what we recorded for it is still what the Hub has.
+            return revision, cached.files
         try:
             commit, files = self._model_info(paths, revision)
         except ModelDownloadError as e:
