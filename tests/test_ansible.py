@@ -437,7 +437,9 @@ def test_rsync_reaches_hosts_the_way_ansible_does():
         "ansible_user": "mlx",
         "ansible_port": 2222,
         "ansible_ssh_private_key_file": "/k/id",
-        "ansible_ssh_common_args": "-o UserKnownHostsFile=/k/known_hosts -o StrictHostKeyChecking=yes",
+        "ansible_ssh_common_args": (
+            "-o UserKnownHostsFile=/k/known_hosts -o StrictHostKeyChecking=yes"
+        ),
     }
     assert filters.rsync_ssh(hv) == (
         "ssh -o BatchMode=yes -p 2222 -i /k/id -o UserKnownHostsFile=/k/known_hosts "
