@@ -748,6 +748,31 @@ def test_clear_never_touches_anything_outside_the_cache(manager, hub, cache_dir,
     assert (cache_dir / "notes.txt").exists() and (cache_dir / "evil--model").is_symlink()
 
 
+@pytest.mark.parametrize(("answer", "deleted"), [("n", False), ("y", True)])
+def test_clear_asks_on_a_terminal(manager, hub, cache_dir, answer, deleted):
+    import pty
+
+    model = manager.ensure_model(TINY_SINGLE)
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, f"{answer}\n".encode())
+        result = subprocess.run(
+            [sys.executable, "-m", "mlxnode", "cache", "clear", TINY_SINGLE],
+            env=_cli_env(hub, cache_dir),
+            cwd=cache_dir.parent,
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0, result.stderr
+    assert f"Delete {TINY_SINGLE}" in result.stderr and "[y/N]" in result.stderr
+    assert model.path.exists() is not deleted
+
+
 def test_list_and_clear_functions_for_the_run_command(manager, cache_dir, capsys):
     from mlxnode.commands.cache import clear_models, list_models
 
