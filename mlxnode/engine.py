@@ -707,6 +707,8 @@ def plan_shards(
     """
     model_type = str(model_config.get("model_type", type(model).__module__))
     if world_size == 1:
+        if split is not None or weights is not None:
+            logger.warning("ignoring --split/--weights: a single rank holds the whole model")
         return ShardPlan(LOCAL, "whole model", "a single rank holds the whole model")
     has_own_pipeline = hasattr(model, "model") and hasattr(model.model, "pipeline")
     pipeline_problem = None if has_own_pipeline else generic_pipeline_problem(model)

@@ -364,6 +364,25 @@ def test_distributed_greedy_tokens_equal_single_process(
 
 
 @pytest.mark.slow
+def test_sampling_with_a_seed_is_the_same_on_every_rank(models, tmp_path):
+    """If rank 1 drew a different token than rank 0, rank 0's next steps would diverge."""
+    sampling = ["--temperature", "1.5", "--top-p", "0.95", "--seed", "7"]
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"out{ranks}.jsonl"
+        job = mlxnode_run(
+            ranks,
+            "--model-path", models["llama"], "--no-chat-template", "--max-tokens", "24",
+            *sampling, "--output", out, PROMPT,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert job.returncode == 0 and not job.rank_codes, job.stderr
+        runs[ranks] = job.records(out)[0]["token_ids"]
+    assert runs[1] == runs[2]
+    assert runs[1] != reference(models["llama"], PROMPT, 24)  # it did sample
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma", "gemma3_text", "phi3"])
 def test_generic_pipeline_batches_other_architectures(models, tmp_path, arch):
     prompts = tmp_path / "prompts.txt"

@@ -1,0 +1,320 @@
+"""Benchmark the inference engine: its overhead over bare mlx-lm, and what batching buys.
+
+1. Toolkit overhead: generation tok/s of ``mlxnode run`` against a bare mlx-lm
+   sharded run (``sharded_load`` + ``stream_generate``, a small script launched the
+   same way) of the same qwen2 model (bare mlx-lm can pipeline and shard it), same
+   ranks, same backend, same prompt and token count; runs interleaved, median of
+   several repetitions, and the ratio (target >= 0.97), for pipeline and tensor.
+2. Batching: 8 prompts in one batched run against the same 8 prompts as 8 sequential
+   runs; aggregate tok/s = generated tokens / generation seconds (prefill + decode,
+   without process start and loading), ratio (target >= 3x). End-to-end wall time
+   of the two is reported too.
+
+Prints Markdown tables and writes everything, with the machine, backend, model shape
+and library versions, to ``benchmarks/results/engine.json``.
+
+    .venv/bin/python benchmarks/bench_engine.py [--repeats 5] [--ranks 2] [--max-tokens 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+from mlxnode.testing.tiny_model import make_tiny_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
+MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
+BACKEND = "ring"
+OVERHEAD_TARGET = 0.97
+BATCH_TARGET = 3.0
+# A decode step is real work on one CPU core (MLX's CPU backend is slow: ~1 GFLOP/s per core
+# for a float32 matvec here), yet a run with a few hundred tokens takes seconds, not minutes.
+SHAPE = {
+    "arch": "qwen2",
+    "num_layers": 8,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "vocab_size": 512,
+    "max_position_embeddings": 4096,
+}
+PROMPT = "The morning train left the station at seven, and the fields outside were"
+BATCH = [
+    "The morning train left the station",
+    "A program is a list of instructions",
+    "To make a simple soup, cut two onions",
+    "The weather changed quickly in the mountains",
+    "Numbers are everywhere",
+    "Why is the sea salty?",
+    "The library was quiet except for",
+    "Gardens need patience",
+]
+
+BARE_SCRIPT = """
+import json, sys
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.utils import sharded_load
+
+path, strategy, prompt, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+group = mx.distributed.init(backend="ring")
+if strategy == "pipeline":
+    model, tokenizer = sharded_load(path, pipeline_group=group)
+else:
+    model, tokenizer = sharded_load(path, tensor_group=group)
+# Stream rank 0's text like mlx_lm.generate (and mlxnode run) do.
+for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+    if group.rank() == 0:
+        print(response.text, end="", flush=True)
+if group.rank() == 0:
+    print()
+    print(json.dumps({
+        "generation_tps": response.generation_tps,
+        "generation_tokens": response.generation_tokens,
+        "prompt_tps": response.prompt_tps,
+    }))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="Runs per overhead measurement.")
+    parser.add_argument(
+        "--batch-repeats", type=int, default=3, help="Batched-vs-sequential rounds (9 runs each)."
+    )
+    parser.add_argument("--ranks", type=int, default=2, help="Ranks per run (mlx.launch -n).")
+    parser.add_argument("--max-tokens", type=int, default=200, help="Tokens per generation.")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="Where to write the JSON.")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench_engine."))
+    model = make_tiny_model(scratch / "model", **SHAPE)
+    bare = scratch / "bare_mlx_lm.py"
+    bare.write_text(BARE_SCRIPT)
+
+    overhead = {
+        strategy: _overhead(model, bare, strategy, args, scratch)
+        for strategy in ("pipeline", "tensor")
+    }
+    batching = _batching(model, args, scratch)
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "versions": _versions(),
+        "backend": BACKEND,
+        "ranks": args.ranks,
+        "model": {**SHAPE, "dtype": "float32", "parameters": _parameters(SHAPE)},
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "batch_repeats": args.batch_repeats,
+        "overhead": overhead,
+        "batching": batching,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(_markdown(report))
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def _overhead(model: Path, bare: Path, strategy: str, args, scratch: Path) -> dict:
+    """Interleaved runs of mlxnode and bare mlx-lm; median generation tok/s of each."""
+    ours, theirs = [], []
+    for i in range(args.repeats):
+        metrics = scratch / f"overhead-{strategy}-{i}.json"
+        _launch(
+            args.ranks,
+            ["-m", "mlxnode", "run", "--model-path", str(model), "--strategy", strategy,
+             "--no-chat-template", "--max-tokens", str(args.max_tokens),
+             "--metrics-json", str(metrics), "--log-level", "WARNING", PROMPT],
+        )  # fmt: skip
+        run = json.loads(metrics.read_text())
+        ours.append((run["generation_tps"], run["generation_tokens"]))
+        out = _launch(args.ranks, [str(bare), str(model), strategy, PROMPT, str(args.max_tokens)])
+        result = json.loads(out.strip().splitlines()[-1])
+        theirs.append((result["generation_tps"], result["generation_tokens"]))
+        print(f"  {strategy} {i + 1}/{args.repeats}: mlxnode {ours[-1][0]:.1f} tok/s, "
+              f"mlx-lm {theirs[-1][0]:.1f} tok/s", file=sys.stderr)  # fmt: skip
+    mlxnode_tps = statistics.median(t for t, _ in ours)
+    mlx_lm_tps = statistics.median(t for t, _ in theirs)
+    return {
+        "mlxnode_tps": [t for t, _ in ours],
+        "mlx_lm_tps": [t for t, _ in theirs],
+        "generation_tokens": sorted({n for _, n in ours + theirs}),
+        "mlxnode_median_tps": mlxnode_tps,
+        "mlx_lm_median_tps": mlx_lm_tps,
+        "ratio": mlxnode_tps / mlx_lm_tps,
+        "target": OVERHEAD_TARGET,
+    }
+
+
+def _batching(model: Path, args, scratch: Path) -> dict:
+    """One batched run of 8 prompts against 8 sequential single runs, repeated."""
+    common = ["-m", "mlxnode", "run", "--model-path", str(model), "--strategy", "pipeline",
+              "--no-chat-template", "--max-tokens", str(args.max_tokens), "--log-level",
+              "WARNING"]  # fmt: skip
+    prompts = scratch / "prompts.txt"
+    prompts.write_text("\n".join(BATCH) + "\n")
+    batched, sequential, batched_wall, sequential_wall = [], [], [], []
+    for i in range(args.batch_repeats):
+        metrics = scratch / f"batch-{i}.json"
+        started = time.monotonic()
+        _launch(
+            args.ranks,
+            [*common, "--prompts-file", str(prompts), "--output", str(scratch / "out.jsonl"),
+             "--metrics-json", str(metrics)],
+        )  # fmt: skip
+        batched_wall.append(time.monotonic() - started)
+        run = json.loads(metrics.read_text())
+        batched.append(run["generation_tokens"] / run["generate_seconds"])
+
+        tokens = seconds = 0.0
+        started = time.monotonic()
+        for j, prompt in enumerate(BATCH):
+            metrics = scratch / f"single-{i}-{j}.json"
+            _launch(args.ranks, [*common, "--metrics-json", str(metrics), prompt])
+            run = json.loads(metrics.read_text())
+            tokens += run["generation_tokens"]
+            seconds += run["generate_seconds"]
+        sequential_wall.append(time.monotonic() - started)
+        sequential.append(tokens / seconds)
+        print(f"  batch {i + 1}/{args.batch_repeats}: batched {batched[-1]:.1f} tok/s, "
+              f"sequential {sequential[-1]:.1f} tok/s", file=sys.stderr)  # fmt: skip
+    batched_tps, sequential_tps = statistics.median(batched), statistics.median(sequential)
+    return {
+        "prompts": len(BATCH),
+        "batched_tps": batched,
+        "sequential_tps": sequential,
+        "batched_median_tps": batched_tps,
+        "sequential_median_tps": sequential_tps,
+        "ratio": batched_tps / sequential_tps,
+        "target": BATCH_TARGET,
+        "batched_wall_seconds": statistics.median(batched_wall),
+        "sequential_wall_seconds": statistics.median(sequential_wall),
+        "wall_ratio": statistics.median(sequential_wall) / statistics.median(batched_wall),
+    }
+
+
+def _launch(ranks: int, argv: list[str]) -> str:
+    """Run `python ARGV` on `ranks` ring ranks on this machine; rank 0's stdout."""
+    command = [sys.executable, *argv]
+    if ranks > 1:
+        command = [str(MLX_LAUNCH), "--backend", BACKEND, "-n", str(ranks),
+                   "--starting-port", str(_free_ports(ranks)), *command]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+    )
+    if result.returncode != 0 or "exited with code" in result.stderr:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def _free_ports(n: int) -> int:
+    for _ in range(100):
+        base = random.randrange(20000, 60000)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports")
+
+
+def _parameters(shape: dict) -> int:
+    h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"]
+    kv = h * shape["num_kv_heads"] // shape["num_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    return n * per_layer + 2 * shape["vocab_size"] * h
+
+
+def _machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx_device": _mlx_device(),
+    }
+
+
+def _mlx_device() -> str:
+    import mlx.core as mx
+
+    return str(mx.default_device())
+
+
+def _versions() -> dict:
+    versions = {name: version(name) for name in ("mlx", "mlx-lm")}
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        versions["mlxnode_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        ).stdout.strip()
+    return versions
+
+
+def _markdown(report: dict) -> str:
+    m, v, shape = report["machine"], report["versions"], report["model"]
+    lines = [
+        f"Machine: {m['cpu'] or m['machine']}, {m['cpu_count']} CPUs, {m['platform']}, MLX device "
+        f"{m['mlx_device']}; mlx {v['mlx']}, mlx-lm {v['mlx-lm']}; backend {report['backend']}, "
+        f"{report['ranks']} ranks on one host.",
+        f"Model: tiny {shape['arch']}, {shape['num_layers']} layers, hidden {shape['hidden_size']},"
+        f" intermediate {shape['intermediate_size']}, {shape['parameters'] / 1e6:.1f}M params "
+        f"{shape['dtype']}; greedy, {report['max_tokens']} tokens per prompt; medians of "
+        f"{report['repeats']} (overhead) and {report['batch_repeats']} (batching) rounds.",
+        "",
+        "| Measurement | mlxnode | baseline | ratio | target |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for strategy, o in report["overhead"].items():
+        lines.append(
+            f"| {strategy}: generation tok/s vs bare mlx-lm sharded_load | "
+            f"{o['mlxnode_median_tps']:.1f} | {o['mlx_lm_median_tps']:.1f} | "
+            f"{o['ratio']:.3f} | >= {o['target']} |"
+        )
+    b = report["batching"]
+    lines.append(
+        f"| {b['prompts']} prompts batched vs sequential: aggregate tok/s | "
+        f"{b['batched_median_tps']:.1f} | {b['sequential_median_tps']:.1f} | "
+        f"{b['ratio']:.2f}x | >= {b['target']}x |"
+    )
+    lines.append(
+        f"| {b['prompts']} prompts batched vs sequential: end-to-end wall s (lower is better) | "
+        f"{b['batched_wall_seconds']:.1f} | {b['sequential_wall_seconds']:.1f} | "
+        f"{b['wall_ratio']:.2f}x | - |"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
