@@ -243,8 +243,8 @@ class Engine:
                 if len(ids) >= limit:
                     raise InferenceError(
                         f"prompt {prompt.id!r} is {len(ids)} tokens but {self.model_name} "
-                        f"takes at most {limit} (max_position_embeddings), leaving no room "
-                        "to generate; shorten the prompt"
+                        f"takes at most {limit} tokens of context, leaving no room to "
+                        "generate; shorten the prompt"
                     )
                 if len(ids) + max_tokens > limit:
                     max_tokens = limit - len(ids)

@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--clear-cache",
         action="store_true",
-        help="Delete --model from the cache (every model without --model) and exit.",
+        help="Delete the model from the cache (every cached model if none is given) and exit.",
     )
     parser.add_argument(
         "--yes", action="store_true", help="With --clear-cache: delete without asking."
