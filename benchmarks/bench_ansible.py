@@ -66,6 +66,16 @@ def playbook(inventory: Path, name: str, work: Path, *extra: str) -> tuple[float
     return seconds, changed, out
 
 
+def snapshot_source(dest: Path) -> None:
+    """Copy what the mlxnode wheel is built from, so the tree can change meanwhile."""
+    dest.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(
+        ROOT / "mlxnode", dest / "mlxnode", ignore=shutil.ignore_patterns("__pycache__")
+    )
+
+
 def fresh_testbed() -> Testbed:
     bed = Testbed(NAME, hosts=len(HOSTS), subnet=SUBNET)
     bed.down()  # fresh hosts: empty /root, so no venv and no cache
@@ -81,6 +91,9 @@ def write_inventory(bed: Testbed, hub: HubServer, work: Path, **extra) -> Path:
             "mlxnode_split": SPLIT,
             "mlxnode_hf_endpoint": hub.endpoint,
             "mlxnode_cache_controller_dir": str(work / "controller-cache"),
+            # A snapshot of the source: edits to the tree while the benchmark runs would
+            # rebuild the mlxnode wheel and make the second run look non-idempotent.
+            "mlxnode_host_source_dir": str(work / "src"),
             **extra,
         },
     )
@@ -177,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-ansible-"))
+    snapshot_source(work / "src")
     hub_root = work / "hub"
     make_tiny_model(hub_root / MODEL, arch="llama", num_layers=8, num_shards=4,
                     hidden_size=args.hidden_size)  # fmt: skip

@@ -110,6 +110,15 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     from mlxnode.testing.tiny_model import make_tiny_model
 
     work = tmp_path_factory.mktemp("ansible-e2e")
+    # Build the wheel from a snapshot: edits to the tree during the session would otherwise
+    # rebuild it and make the idempotence checks fail for the wrong reason.
+    source = work / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "mlxnode", source / "mlxnode", ignore=shutil.ignore_patterns("__pycache__")
+    )
     hub_root = work / "hub"
     make_tiny_model(hub_root / MODEL, arch="llama", num_layers=8, num_shards=4)
     bed = Testbed(NAME, hosts=3, subnet=SUBNET)
@@ -127,6 +136,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                     "mlxnode_hf_endpoint": hub.endpoint,
                     "mlxnode_cache_controller_dir": str(work / "controller-cache"),
                     "mlxnode_run_logs_dir": str(work / "logs"),
+                    "mlxnode_host_source_dir": str(source),
                 },
             )
             yield Cluster(bed, hub, hub_root, inventory, work)
@@ -264,6 +274,7 @@ def test_molecule_scenario(cluster, role):
     env = {
         **os.environ,
         "MLXNODE_INVENTORY": str(cluster.inventory),
+        "MLXNODE_SOURCE_DIR": str(cluster.work / "src"),
         "ANSIBLE_NOCOLOR": "1",
         "NO_COLOR": "1",
         "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
