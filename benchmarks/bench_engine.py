@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -216,12 +217,25 @@ def _launch(ranks: int, argv: list[str]) -> str:
     if ranks > 1:
         command = [str(MLX_LAUNCH), "--backend", BACKEND, "-n", str(ranks),
                    "--starting-port", str(_free_ports(ranks)), *command]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+    # Its own session, so an interrupted benchmark can take the launcher's ranks down with it.
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    if result.returncode != 0 or "exited with code" in result.stderr:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
-    return result.stdout
+    try:
+        stdout, stderr = process.communicate(timeout=900)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    if process.returncode != 0 or "exited with code" in stderr:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    return stdout
 
 
 def _free_ports(n: int) -> int:

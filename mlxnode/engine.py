@@ -13,7 +13,7 @@ Python API::
     from mlxnode.engine import run
     from mlxnode.prompts import Prompt
 
-    result = run(load_config().config, [Prompt(1, "Hello")], stdout=None)
+    result = run(load_config().config, [Prompt(1, "Hello")])
     print(result.completions[0].completion, result.metrics.generation_tps)
 
 or step by step: `Engine.prepare` (group, tokenizer: no weights), `Engine.encode`
@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -505,7 +504,7 @@ def run(
     output: str | Path | None = None,
     metrics_json: str | Path | None = None,
     run_id: str | None = None,
-    stdout: TextIO | None = sys.stdout,
+    stdout: TextIO | None = None,
     load_timeout: float | None = DEFAULT_LOAD_TIMEOUT,
 ) -> RunResult:
     """Run `prompts` on the model of `config` over every rank `mlx.launch` started.

@@ -319,6 +319,28 @@ def test_one_rank_without_launcher_equals_mlx_lm(models, tmp_path):
     assert "strategy local" in job.stderr
 
 
+def test_python_api_runs_a_batch_in_process(models, tmp_path, monkeypatch):
+    from mlxnode import engine, logs
+
+    # run() tells logging its rank; undo that for the tests that follow.
+    monkeypatch.setattr(logs, "_rank", None)
+    monkeypatch.setattr(logs, "_world_size", None)
+    config = Config()
+    config.model.path = str(models["llama"])
+    config.generation.use_chat_template = False
+    config.generation.max_tokens = MAX_TOKENS
+    prompts = [Prompt("a", BATCH[0]), Prompt("b", BATCH[1])]
+    out = tmp_path / "out.jsonl"
+    result = engine.run(config, lambda: prompts, output=out, metrics_json=tmp_path / "m.json")
+    assert [c.token_ids for c in result.completions] == [
+        reference(models["llama"], p.text) for p in prompts
+    ]
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+    assert result.metrics.batched and result.metrics.prompts == 2
+    assert result.metrics.generation_tokens == 2 * MAX_TOKENS
+    assert json.loads((tmp_path / "m.json").read_text())["ranks"][0]["peak_memory_bytes"] > 0
+
+
 # -- real ranks: equal tokens for every split
 
 
