@@ -156,7 +156,12 @@ def _launch_argv(ranks: int, args: list[str]) -> list[str]:
 
 
 def mlxnode_run(
-    ranks: int, *args: str | Path, cwd: Path, timeout: float = 120, env: dict | None = None
+    ranks: int,
+    *args: str | Path,
+    cwd: Path,
+    timeout: float = 120,
+    env: dict | None = None,
+    stdin: str = "",
 ) -> Job:
     """`mlxnode run ARGS` on `ranks` ranks (1: no launcher); waits for the whole job."""
     started = time.monotonic()
@@ -166,7 +171,7 @@ def mlxnode_run(
         capture_output=True,
         text=True,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
         env={**os.environ, **(env or {})},
     )
     codes = {int(r): int(c) for r, c in RANK_EXIT.findall(result.stderr)}
@@ -317,6 +322,21 @@ def test_one_rank_without_launcher_equals_mlx_lm(models, tmp_path):
     assert record["token_ids"] == reference(models["llama"], PROMPT)
     assert job.stdout == record["completion"] + "\n"
     assert "strategy local" in job.stderr
+
+
+def test_prompts_from_stdin_give_jsonl_on_stdout(models, tmp_path):
+    job = mlxnode_run(
+        1,
+        "--model-path", models["llama"], "--no-chat-template", "--max-tokens", MAX_TOKENS, "-",
+        cwd=tmp_path, stdin=f"{BATCH[0]}\n\n{BATCH[2]}\n",
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    records = [json.loads(line) for line in job.stdout.splitlines()]
+    assert [(r["id"], r["prompt"]) for r in records] == [(1, BATCH[0]), (3, BATCH[2])]
+    assert [r["token_ids"] for r in records] == [
+        reference(models["llama"], BATCH[0]),
+        reference(models["llama"], BATCH[2]),
+    ]
 
 
 def test_python_api_runs_a_batch_in_process(models, tmp_path, monkeypatch):
