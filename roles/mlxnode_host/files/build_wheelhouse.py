@@ -227,60 +227,32 @@ def main(argv: list[str] | None = None) -> int:
         args.python_version,
         args.platform,
     )
-    directory = args.root / key
+    args.root.mkdir(parents=True, exist_ok=True)
     src_sha = source_hash(src)
+    # One directory per (dependencies, mlxnode source): runs with different sources (two
+    # checkouts, a test next to a developer) never swap each other's mlxnode wheel.
+    directory = args.root / f"{key}-{src_sha[:12]}"
     manifest_path = directory / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     changed = False
-
-    if manifest is None:
-        args.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=args.root))
+    if not manifest_path.is_file():
+        deps = ensure_deps(args, key, src)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=args.root))
         try:
-            wheel = build_mlxnode_wheel(args.pip_python, src, staging)
-            if not args.mlxnode_only:
-                download_deps(
-                    args.pip_python,
-                    wheel,
-                    args.requirement,
-                    args.extra,
-                    args.python_version,
-                    args.platform,
-                    staging,
-                )
-            if directory.exists():
-                shutil.rmtree(directory)
-            staging.rename(directory)
+            for wheel in deps.glob("*.whl"):
+                _link_or_copy(wheel, staging / wheel.name)
+            build_mlxnode_wheel(args.pip_python, src, staging)
+            write_manifest(staging, args, key, src_sha)
+            try:
+                staging.rename(directory)
+                changed = True
+            except OSError:
+                if not manifest_path.is_file():  # not a concurrent twin: a real failure
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        changed = True
-    elif manifest.get("source_sha256") != src_sha:
-        # Same dependencies, new mlxnode code: rebuild only the mlxnode wheel.
-        with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-            wheel = build_mlxnode_wheel(args.pip_python, src, Path(tmp))
-            for old in directory.glob("mlxnode-*.whl"):
-                old.unlink()
-            shutil.move(str(wheel), directory / wheel.name)
-        changed = True
+        prune(args.root, key, keep=directory)
 
-    if changed:
-        lock, mlxnode_wheel = write_lock(directory)
-        files = sorted(p.name for p in directory.glob("*.whl"))
-        manifest = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "requirement": args.requirement,
-            "extras": args.extra,
-            "python_version": args.python_version,
-            "platforms": sorted(set(args.platform)),
-            "source_sha256": src_sha,
-            "mlxnode_wheel": mlxnode_wheel,
-            "mlxnode_wheel_sha256": _sha256_file(directory / mlxnode_wheel),
-            "lock": lock,
-            "files": {name: _sha256_file(directory / name) for name in files},
-        }
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
+    manifest = json.loads(manifest_path.read_text())
     files = list(directory.glob("*.whl"))
     print(
         json.dumps(
@@ -297,6 +269,76 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def ensure_deps(args: argparse.Namespace, key: str, src: Path) -> Path:
+    """The dependency wheels for `key`, downloaded once and shared by every source."""
+    deps = args.root / f"deps-{key}"
+    if (deps / ".complete").is_file():
+        return deps
+    staging = Path(tempfile.mkdtemp(prefix=f".deps-{key}-", dir=args.root))
+    try:
+        wheel = build_mlxnode_wheel(args.pip_python, src, staging)
+        if not args.mlxnode_only:
+            download_deps(
+                args.pip_python,
+                wheel,
+                args.requirement,
+                args.extra,
+                args.python_version,
+                args.platform,
+                staging,
+            )
+        for built in staging.glob("mlxnode-*.whl"):
+            built.unlink()
+        (staging / ".complete").touch()
+        if deps.exists():
+            shutil.rmtree(deps)
+        try:
+            staging.rename(deps)
+        except OSError:
+            if not (deps / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return deps
+
+
+def write_manifest(directory: Path, args: argparse.Namespace, key: str, src_sha: str) -> None:
+    lock, mlxnode_wheel = write_lock(directory)
+    files = sorted(p.name for p in directory.glob("*.whl"))
+    manifest = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "requirement": args.requirement,
+        "extras": args.extra,
+        "python_version": args.python_version,
+        "platforms": sorted(set(args.platform)),
+        "source_sha256": src_sha,
+        "mlxnode_wheel": mlxnode_wheel,
+        "mlxnode_wheel_sha256": _sha256_file(directory / mlxnode_wheel),
+        "lock": lock,
+        "files": {name: _sha256_file(directory / name) for name in files},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def prune(root: Path, key: str, *, keep: Path, count: int = 3) -> None:
+    """Keep the `count` newest wheelhouses of this dependency set (they are mostly hard links)."""
+    houses = sorted(
+        (d for d in root.glob(f"{key}-*") if d.is_dir() and d != keep),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for old in houses[count - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 if __name__ == "__main__":
