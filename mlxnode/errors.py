@@ -12,6 +12,10 @@ class MlxnodeError(Exception):
 
     exit_code = 1
 
+    def __str__(self) -> str:
+        # The message alone: OSError subclasses would otherwise render "[Errno None] ...".
+        return str(self.args[0]) if self.args else ""
+
 
 class ConfigError(MlxnodeError, ValueError):
     """A configuration file, environment variable or flag has a bad value.

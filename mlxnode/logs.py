@@ -127,6 +127,6 @@ def setup_logging(level: str = "INFO", log_file: str | os.PathLike | None = None
         root.addHandler(file_handler)
         os.chmod(path, 0o640)
     # Third-party chatter (HTTP clients) stays at WARNING unless debugging.
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "paramiko"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     return path

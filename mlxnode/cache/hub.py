@@ -51,18 +51,6 @@ AUTH_HINT = (
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
-class HubDownloadError(ModelDownloadError):
-    """`ModelDownloadError` whose message survives `str()`.
-
-    `ModelDownloadError` sets ``self.filename``, which is also `OSError`'s filename slot
-    (through `ConnectionError`), so its `str()` reads ``[Errno None] None: ...``. Raise
-    this subclass until `mlxnode.errors` is fixed; callers still catch ModelDownloadError.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
 class TransientError(Exception):
     """A failure worth another attempt that huggingface_hub did not raise (bad size or hash)."""
 
@@ -198,7 +186,9 @@ def describe_error(
     what = f"{filename} of {repo_id}" if filename else repo_id
 
     def fail(message: str) -> ModelDownloadError:
-        return HubDownloadError(redact(message), repo_id=repo_id, filename=filename, status=status)
+        return ModelDownloadError(
+            redact(message), repo_id=repo_id, filename=filename, status=status
+        )
 
     if isinstance(root, OfflineModeIsEnabled):
         return CacheError(
@@ -251,7 +241,7 @@ def check_free_space(where: Path, needed: int, *, repo_id: str) -> None:
     """Raise ModelDownloadError before downloading if `needed` bytes cannot fit at `where`."""
     free = _free_bytes(where)
     if needed > free:
-        raise HubDownloadError(
+        raise ModelDownloadError(
             f"not enough disk space in {where} for {repo_id}: {human_bytes(needed)} needed, "
             f"{human_bytes(free)} free; free some space or point --cache-dir elsewhere",
             repo_id=repo_id,
