@@ -232,6 +232,12 @@ def test_a_failed_rank_fails_the_play_and_its_logs_still_come_back(cluster):
     for rank, host in enumerate(("h1", "h2", "h3")):
         assert (logs / host / f"inference.rank{rank}.log").is_file(), sorted(logs.rglob("*"))
 
+    # After a crash the logs can be fetched again: the newest run, with no run id given.
+    shutil.rmtree(logs)
+    cluster.playbook("collect_logs.yml").check()
+    for rank, host in enumerate(("h1", "h2", "h3")):
+        assert (logs / host / f"inference.rank{rank}.log").is_file(), sorted(logs.rglob("*"))
+
 
 def test_health_passes_then_names_the_host_missing_a_file(cluster):
     play = cluster.playbook("health.yml").check()
