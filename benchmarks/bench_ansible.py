@@ -168,6 +168,8 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
+        # Other work on the machine skews wall times; record how busy it was.
+        "loadavg_at_end": os.getloadavg(),
         "ansible_core": version("ansible-core"),
         "mlx": version("mlx"),
         "mlx_lm": version("mlx-lm"),
