@@ -34,7 +34,9 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
     ConfigFlag(
         "model.path", ("--model-path",), "Local model directory, used in place.", metavar="DIR"
     ),
-    ConfigFlag("model.revision", ("--revision",), "Hub branch, tag or commit of the model."),
+    ConfigFlag(
+        "model.revision", ("--revision",), "Hub branch, tag or commit of the model.", metavar="REV"
+    ),
     ConfigFlag("generation.max_tokens", ("--max-tokens",), "Most tokens to generate.", metavar="N"),
     ConfigFlag(
         "generation.temperature",
