@@ -28,7 +28,9 @@ class ConfigError(MlxnodeError, ValueError):
     exit_code = 2
 
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
-        prefix = ": ".join(p for p in (source, key) if p)
+        # A key read from a file may hold anything; quote it unless it prints cleanly.
+        shown_key = key if key is None or key.isprintable() else repr(key)
+        prefix = ": ".join(p for p in (source, shown_key) if p)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source = source
         self.key = key

@@ -21,6 +21,9 @@ from ..config import ResolvedConfig
 from ..errors import CacheError, UsageError
 from .common import add_config_flags, configure
 
+# Generation settings mean nothing to the cache; keep them out of its help.
+CACHE_SECTIONS = ("model", "cache", "logging", "distributed")
+
 ACTIONS = {
     "list": "List cached models and which ranks each is complete for.",
     "size": "Print the bytes a model (or the whole cache) uses on disk.",
@@ -36,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name, text in ACTIONS.items():
         verb = verbs.add_parser(name, help=text, description=text)
         _ADD_ARGUMENTS[name](verb)
-        add_config_flags(verb)
+        add_config_flags(verb, sections=CACHE_SECTIONS)
         verb.set_defaults(handler=main)
 
 

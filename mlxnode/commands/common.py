@@ -128,8 +128,10 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
 )
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *, keys: set[str] | None = None) -> None:
-    """Add `--config` and the flags bound to settings (all, or those in `keys`)."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, *, sections: tuple[str, ...] | None = None
+) -> None:
+    """Add `--config` and the flags bound to settings (all, or those of `sections`)."""
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -137,7 +139,7 @@ def add_config_flags(parser: argparse.ArgumentParser, *, keys: set[str] | None =
     )
     group = parser.add_argument_group("settings (override config file and MLXNODE_* env)")
     for flag in CONFIG_FLAGS:
-        if keys is not None and flag.key not in keys:
+        if sections is not None and flag.key.split(".")[0] not in sections:
             continue
         dest = _dest(flag.key)
         if flag.kind == "value":
