@@ -27,10 +27,11 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_model
 
 from mlxnode.config import Config
-from mlxnode.engine import Engine, plan_shards
+from mlxnode.engine import Engine
 from mlxnode.errors import InferenceError, ModelLoadError, UsageError
 from mlxnode.pipeline import generic_pipeline_problem
 from mlxnode.prompts import Prompt
+from mlxnode.strategy import plan_shards
 from mlxnode.testing.tiny_model import make_tiny_model
 
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"

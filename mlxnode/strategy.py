@@ -1,0 +1,188 @@
+"""How a model is split over the ranks: pipeline, tensor or not at all, and why.
+
+`plan_shards` decides from what the model supports (mlx-lm's own `pipeline()`,
+mlxnode's generic pipeline, mlx-lm's `shard()`), the backend's topology and the
+requested strategy and split; `apply_plan` then prunes or shards the lazily
+loaded model in place, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .distributed import FULL_MESH_BACKENDS
+from .errors import ModelLoadError, UsageError
+from .pipeline import apply_pipeline, generic_pipeline_problem
+from .sharding import layer_range, resolve_split
+
+logger = logging.getLogger(__name__)
+
+LOCAL, PIPELINE, TENSOR = "local", "pipeline", "tensor"
+
+# Architectures the generic pipeline wrapper is tested with (tests/test_engine.py). Others
+# pass if they have its shape (a `model.layers` list of blocks that take a KV cache).
+GENERIC_PIPELINE_TESTED = ("llama", "mistral", "qwen3", "gemma", "gemma3_text", "phi3")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How this rank holds the model."""
+
+    strategy: str  # LOCAL, PIPELINE or TENSOR
+    implementation: str  # which code does it, for the log and the metrics
+    reason: str
+    split: list[int] | None = None  # layers per rank, in rank order (pipeline)
+    layers: tuple[int, int] | None = None  # this rank's [start, end) (pipeline)
+
+
+def plan_shards(
+    model: nn.Module,
+    model_config: dict[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    strategy: str = "auto",
+    backend: str = "ring",
+    split: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
+) -> ShardPlan:
+    """Decide how this rank holds `model` (a lazily loaded instance), and say why.
+
+    auto: pipeline when a split is given; tensor when the backend is a full mesh and
+    the model can be tensor-sharded over `world_size`; else pipeline when possible,
+    else tensor.
+
+    Raises:
+        UsageError: a split for a tensor run, or a bad split (`sharding.resolve_split`).
+        ModelLoadError: the model cannot be split the way asked (or at all).
+    """
+    model_type = str(model_config.get("model_type", type(model).__module__))
+    if world_size == 1:
+        if split is not None or weights is not None:
+            logger.warning("ignoring --split/--weights: a single rank holds the whole model")
+        return ShardPlan(LOCAL, "whole model", "a single rank holds the whole model")
+    has_own_pipeline = hasattr(model, "model") and hasattr(model.model, "pipeline")
+    pipeline_problem = None if has_own_pipeline else generic_pipeline_problem(model)
+    tensor_problem = _tensor_problem(model, model_config, world_size)
+    wants_split = split is not None or weights is not None
+
+    if strategy == TENSOR:
+        if wants_split:
+            raise UsageError(
+                "--split and --weights set layers per rank, which only a pipeline has; "
+                "drop them or use --strategy pipeline"
+            )
+        if tensor_problem is not None:
+            hint = "; use --strategy pipeline" if pipeline_problem is None else ""
+            raise ModelLoadError(f"cannot tensor-shard {model_type}: {tensor_problem}{hint}")
+        chosen, reason = TENSOR, "asked for with --strategy tensor"
+    elif strategy == PIPELINE:
+        if pipeline_problem is not None:
+            raise ModelLoadError(_unsupported(model_type, pipeline_problem, tensor_problem))
+        chosen, reason = PIPELINE, "asked for with --strategy pipeline"
+    else:
+        mesh = backend in FULL_MESH_BACKENDS
+        if wants_split and pipeline_problem is None:
+            chosen, reason = PIPELINE, "auto: --split/--weights give the layers per rank"
+        elif mesh and tensor_problem is None:
+            chosen = TENSOR
+            reason = f"auto: the {backend} backend is a full mesh and {model_type} has shard()"
+        elif pipeline_problem is None:
+            chosen = PIPELINE
+            why = (
+                f"{model_type} cannot be tensor-sharded ({tensor_problem})"
+                if mesh
+                else f"the {backend} backend is not a full mesh, and tensor parallelism "
+                "all-reduces twice per layer"
+            )
+            reason = f"auto: {why}"
+        elif tensor_problem is None:
+            if wants_split:
+                raise UsageError(
+                    f"--split/--weights need a pipeline, which {model_type} cannot do "
+                    f"({pipeline_problem}); drop them to use tensor parallelism"
+                )
+            chosen = TENSOR
+            reason = f"auto: {model_type} cannot be pipelined ({pipeline_problem})"
+        else:
+            raise ModelLoadError(_unsupported(model_type, pipeline_problem, tensor_problem))
+
+    if chosen == TENSOR:
+        return ShardPlan(TENSOR, "mlx-lm shard()", reason)
+    counts = resolve_split(
+        num_layers(model, model_config), world_size, split=split, weights=weights
+    )
+    start, end = layer_range(sum(counts), rank, world_size, split=counts)
+    implementation = "mlx-lm pipeline()" if has_own_pipeline else "mlxnode generic pipeline"
+    return ShardPlan(PIPELINE, implementation, reason, split=counts, layers=(start, end))
+
+
+def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -> None:
+    """Shard or prune `model` in place per `plan`, before its weights are evaluated."""
+    if plan.strategy == TENSOR:
+        model.shard(group)
+    elif plan.strategy == PIPELINE:
+        assert plan.layers is not None
+        if hasattr(model.model, "pipeline"):
+            model.model.pipeline(group, split=plan.split)
+            got = (model.model.start_idx, model.model.end_idx)
+            if got != plan.layers:
+                raise ModelLoadError(
+                    f"mlx-lm's pipeline() gave rank {group.rank()} layers {got}, but "
+                    f"mlxnode.sharding says {plan.layers}; the two disagree on the convention"
+                )
+        else:
+            apply_pipeline(model, group, *plan.layers)
+
+
+def _tensor_problem(model: nn.Module, model_config: dict[str, Any], world_size: int) -> str | None:
+    if not hasattr(model, "shard"):
+        return "mlx-lm has no shard() for it"
+    sizes = {**model_config.get("text_config", {}), **model_config}
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = sizes.get(key)
+        if isinstance(value, int) and value % world_size:
+            return f"{key} {value} is not divisible by {world_size} ranks"
+    return None
+
+
+def _unsupported(model_type: str, pipeline_problem: str | None, tensor_problem: str | None) -> str:
+    own, shardable = _mlx_lm_capabilities()
+    return (
+        f"model type {model_type!r} cannot be split over ranks: no pipeline "
+        f"({pipeline_problem}) and no tensor parallelism ({tensor_problem}). Supported: "
+        f"mlx-lm's own pipeline ({', '.join(own)}); mlxnode's generic pipeline for "
+        "decoder-only models whose layers take a KV cache (tested: "
+        f"{', '.join(GENERIC_PIPELINE_TESTED)}); tensor parallelism ({', '.join(shardable)}). "
+        "Run it on one host instead"
+    )
+
+
+def _mlx_lm_capabilities() -> tuple[list[str], list[str]]:
+    """mlx-lm model types with their own pipeline() and with shard(), read from its sources."""
+    import mlx_lm.models
+
+    own, shardable = [], []
+    for path in sorted(Path(mlx_lm.models.__file__).parent.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "(PipelineMixin" in text:
+            own.append(path.stem)
+        if "def shard(" in text:
+            shardable.append(path.stem)
+    return own, shardable
+
+
+def num_layers(model: nn.Module, model_config: dict[str, Any]) -> int:
+    """How many decoder layers `model` has (its layer list, else its config)."""
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, list) and layers:
+        return len(layers)
+    sizes = {**model_config.get("text_config", {}), **model_config}
+    return int(sizes.get("num_hidden_layers", 0))
