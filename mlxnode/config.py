@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -64,7 +65,11 @@ class GenerationConfig:
     top_p: float = field(
         default=DEFAULT_TOP_P, metadata={"help": "Nucleus sampling mass, in (0, 1].", "min": 0.0}
     )
-    seed: int = field(default=DEFAULT_SEED, metadata={"help": "Sampling seed, same on all ranks."})
+    seed: int = field(
+        default=DEFAULT_SEED,
+        # mx.random.seed takes an unsigned 64-bit integer.
+        metadata={"help": "Sampling seed, same on all ranks.", "min": 0, "max": 2**64 - 1},
+    )
     chat_template: str | None = field(
         default=None, metadata={"help": "Chat template (Jinja text or file) to use instead."}
     )
@@ -388,10 +393,16 @@ def _check_bounds(value: Any, f: dataclasses.Field, *, source: str, key: str) ->
         raise ConfigError(
             f"expected one of {', '.join(choices)}, got {value!r}{hint}", source=source, key=key
         )
-    minimum = f.metadata.get("min")
     items = value if isinstance(value, list) else [value]
+    # float("nan") passes every comparison below, and inf breaks samplers and timers.
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+        raise ConfigError(f"expected a finite number, got {value!r}", source=source, key=key)
+    minimum = f.metadata.get("min")
     if minimum is not None and any(v < minimum for v in items):
         raise ConfigError(f"expected a value >= {minimum}, got {value!r}", source=source, key=key)
+    maximum = f.metadata.get("max")
+    if maximum is not None and any(v > maximum for v in items):
+        raise ConfigError(f"expected a value <= {maximum}, got {value!r}", source=source, key=key)
     if key == "generation.top_p" and not 0.0 < value <= 1.0:
         raise ConfigError(f"expected a value in (0, 1], got {value!r}", source=source, key=key)
     if key in ("distributed.split", "distributed.weights") and any(v <= 0 for v in items):
