@@ -15,6 +15,7 @@ costs nothing. Two formats, told apart by the first non-blank line:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TextIO
 from .errors import UsageError
 
 STDIN = "-"
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ def prompts_from_args(words: Sequence[str]) -> list[Prompt]:
         UsageError: the words are all blank.
     """
     text = " ".join(words)
+    _check_utf8(text, "the prompt")
     if not text.strip():
         raise UsageError("the prompt is empty; give some text, '-' for stdin or --prompts-file")
     return [Prompt(id=1, text=text)]
@@ -55,15 +58,33 @@ def read_prompts_file(path: str, *, stdin: TextIO | None = None) -> list[Prompt]
     name = "stdin" if path == STDIN else path
     try:
         if path == STDIN:
-            text = (stdin or sys.stdin).read()
+            stream = stdin or sys.stdin
+            # Bytes, decoded strictly: the text layer may hide bad bytes as lone surrogates.
+            raw = getattr(stream, "buffer", None)
+            text = raw.read().decode("utf-8-sig") if raw is not None else stream.read()
         else:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
+            # utf-8-sig: a BOM would otherwise hide the JSONL "{" and make it plain text.
+            text = Path(path).expanduser().read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UsageError(f"prompts file {name} not found; check the --prompts-file path") from None
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UsageError(f"cannot read prompts file {name} ({reason})") from e
-    return parse_prompts(text.splitlines(), source=name)
+    text = text.removeprefix("\ufeff")
+    _check_utf8(text, f"prompts file {name}")
+    # Only real line endings: str.splitlines() also breaks at U+2028, \x1c..., which JSON
+    # strings may hold raw, and would cut a valid record in two.
+    return parse_prompts(_LINE_END.split(text), source=name)
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text holding lone surrogates (undecodable bytes from argv or a text stream)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(
+            f"{what} is not valid UTF-8 (bad byte at character {e.start}); save it as UTF-8"
+        ) from None
 
 
 def parse_prompts(lines: Iterable[str], *, source: str) -> list[Prompt]:
