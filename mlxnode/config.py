@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -39,6 +40,11 @@ DEFAULT_MAX_RETRIES = 5
 DEFAULT_BACKOFF_BASE = 1.0
 DEFAULT_LOCK_TIMEOUT = 600.0
 DEFAULT_STEP_TIMEOUT = 60.0
+
+# A config file is a few hundred bytes; anything this big is a mistake, and parsing it is slow.
+MAX_CONFIG_BYTES = 1024 * 1024
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 6, 6, 80
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 STRATEGIES = ("auto", "pipeline", "tensor")
@@ -250,6 +256,12 @@ def _pick_file(config_path: str | os.PathLike | None, cwd: Path) -> Path | None:
 
 def _read_file(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"file is {size} bytes; a config file holds at most {MAX_CONFIG_BYTES}",
+                source=str(path),
+            )
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -293,6 +305,11 @@ def _read_file(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _short_repr(value: Any) -> str:
+    """A bounded repr: YAML aliases can make a small file a huge (billion laughs) value."""
+    return _REPR.repr(value)
+
+
 def _sections() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
@@ -321,7 +338,7 @@ def _coerce(raw: Any, tp: Any, *, source: str, key: str, from_text: bool) -> Any
         raise ConfigError(f"expected {_describe(tp)}, got nothing", source=source, key=key)
 
     def fail() -> typing.NoReturn:
-        shown = repr(raw) if not isinstance(raw, str | int | float) else repr(raw)
+        shown = _short_repr(raw)
         raise ConfigError(f"expected {_describe(tp)}, got {shown}", source=source, key=key)
 
     if typing.get_origin(tp) is list:
