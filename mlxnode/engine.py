@@ -68,6 +68,8 @@ _CONTEXT_KEYS = (
     "n_ctx",
 )
 _INDEX_FILE = "model.safetensors.index.json"
+# safetensors caps its JSON header at 100 MB.
+_MAX_HEADER_BYTES = 100_000_000
 # A collective that fails because a peer went away raises RuntimeError("[ring] ...") etc.
 _PEER_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")
 
@@ -690,10 +692,14 @@ def _cache_manager(config: Config) -> Any:
 
 
 def _read_model_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
     try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; is this a model directory?")
+    return data
 
 
 def _load_tokenizer(model_dir: Path, model_config: dict[str, Any], chat_template: str | None):
@@ -728,6 +734,9 @@ def _instantiate(model_dir: Path, name: str) -> nn.Module:
     """The model with lazily loaded weights (none read yet; missing files allowed)."""
     from mlx_lm.utils import load_model
 
+    # mlx-lm reads every present file's header here; a truncated one must be named.
+    for path in sorted(model_dir.glob("model*.safetensors")):
+        _check_safetensors(path)
     try:
         model, _ = load_model(model_dir, lazy=True, strict=False)
     except ValueError as e:
@@ -761,6 +770,36 @@ def _check_weight_files(model_dir: Path, plan: ShardPlan, layer_count: int, rank
         raise ModelLoadError(
             f"rank {rank} needs {', '.join(missing)} (layers {start}-{end - 1}) but "
             f"{model_dir} lacks them; fetch the model again"
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Fail with the file's name when a weight file is truncated or not safetensors.
+
+    MLX would otherwise fail inside the lazy load with a RuntimeError naming no file.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if header_len < 2 or 8 + header_len > size or header_len > _MAX_HEADER_BYTES:
+                raise ValueError("its header is cut short or malformed")
+            header = json.loads(f.read(header_len))
+        ends = [
+            int(t["data_offsets"][1])
+            for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict)
+        ]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelLoadError(
+            f"{path} is not a readable safetensors file ({e}); fetch the model again"
+        ) from e
+    needed = 8 + header_len + max(ends, default=0)
+    if size < needed:
+        raise ModelLoadError(
+            f"{path} is truncated: {size} bytes but its header describes {needed}; "
+            "fetch the model again"
         )
 
 
