@@ -819,9 +819,17 @@ def context_length(model_config: dict[str, Any]) -> int | None:
 def encode_text(tokenizer: Any, text: str, *, chat_template: bool) -> list[int]:
     """Token ids for `text`, as mlx-lm's generate does (template, then no extra BOS)."""
     if chat_template:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        from jinja2 import TemplateError
+
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as e:
+            raise UsageError(
+                f"the chat template cannot be applied ({type(e).__name__}: {e}); fix "
+                "--chat-template (or the model's template) or pass --no-chat-template"
+            ) from e
         return list(tokenizer.encode(rendered, add_special_tokens=False))
     bos = tokenizer.bos_token
     return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
