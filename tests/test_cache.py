@@ -510,6 +510,40 @@ def test_offline_uses_only_the_cache_and_lists_missing_files(manager, hub, cache
     assert hub.stats.count() == 0
 
 
+def test_offline_names_a_truncated_file_with_its_size(manager, hub, cache_dir):
+    model = manager.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
+    target = model.path / SHARDS[3]
+    size = target.stat().st_size
+    with target.open("r+b") as f:
+        f.truncate(size // 2)
+    offline = _manager(hub, cache_dir, offline=True)
+    with pytest.raises(CacheError) as excinfo:
+        offline.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
+    assert f"1 of the wrong size: {SHARDS[3]} ({size // 2} bytes, expected {size})" in str(
+        excinfo.value
+    )
+    assert "not cached" not in str(excinfo.value)
+
+
+def test_metadata_refuses_a_truncated_weight_offline_and_refetches_it_online(
+    manager, hub, cache_dir
+):
+    # Loading a model reads every cached weight file's header, so this is checked first.
+    model = manager.ensure_model(TINY_LLAMA)
+    target = model.path / SHARDS[1]
+    size = target.stat().st_size
+    with target.open("r+b") as f:
+        f.truncate(100)
+    offline = _manager(hub, cache_dir, offline=True)
+    with pytest.raises(CacheError, match=rf"{SHARDS[1]} is 100 bytes, expected {size}"):
+        offline.fetch_metadata(TINY_LLAMA)
+    assert target.stat().st_size == 100  # offline: refused, not touched
+    manager.fetch_metadata(TINY_LLAMA)
+    assert not target.exists()  # online: discarded...
+    assert SHARDS[1] in manager.ensure_model(TINY_LLAMA).fetched_files  # ...and fetched again
+    assert target.stat().st_size == size
+
+
 def test_verify_detects_a_flipped_byte_and_force_repairs_it(manager, cache_dir, hub):
     model = manager.ensure_model(TINY_LLAMA)
     _flip_byte(model.path / SHARDS[1])

@@ -164,9 +164,14 @@ class ModelCacheManager:
     def fetch_metadata(self, repo_id: str, *, revision: str = "main") -> Path:
         """Fetch config, tokenizer and index files (no weights); return the snapshot dir.
 
+        Weight files already cached are checked by size, because loading the model reads
+        every one of them: offline, one of the wrong size is refused; online it is
+        discarded, to be fetched again.
+
         Raises:
             ModelDownloadError: the Hub refused or failed (after retries where they help).
-            CacheError: offline and the files are not cached, or the lock timed out.
+            CacheError: offline and the files are not cached or a weight file has the wrong
+                size, or the lock timed out.
         """
         paths = self._paths(repo_id)
         layout.validate_revision(revision)
@@ -174,8 +179,34 @@ class ModelCacheManager:
             metadata = layout.read_metadata(paths)
             commit, files = self._resolve(paths, revision, metadata)
             self._fetch(paths, revision, commit, files, metadata_files(files), force=False)
+            self._drop_damaged_weights(paths, commit, files)
             layout.write_metadata(paths, metadata)
         return paths.snapshot(commit)
+
+    def _drop_damaged_weights(
+        self, paths: ModelPaths, commit: str, files: dict[str, FileRecord]
+    ) -> None:
+        for name, record in sorted(files.items()):
+            target = paths.file(commit, name)
+            size = _size(target)
+            if not name.endswith(".safetensors") or None in (size, record.size):
+                continue
+            if size == record.size:
+                continue
+            if self.offline:
+                raise CacheError(
+                    f"cached file {target} is {size} bytes, expected {record.size} (cut "
+                    f"short?); run `mlxnode cache prewarm {paths.repo_id} --force-download` "
+                    "while online",
+                    path=str(target),
+                )
+            logger.warning(
+                "discarding %s: %d bytes, expected %d; it is fetched again",
+                target,
+                size,
+                record.size,
+            )
+            target.unlink()
 
     def ensure_model(
         self,
@@ -518,9 +549,19 @@ class ModelCacheManager:
         if not todo:
             return []
         if self.offline:
+            # A file of the wrong size (cut short by a full disk or a bad copy) is named as such.
+            damaged = [
+                f"{name} ({size} bytes, expected {files[name].size})"
+                for name in todo
+                if (size := _size(paths.file(commit, name))) is not None
+            ]
+            absent = [name for name in todo if _size(paths.file(commit, name)) is None]
+            found = ([f"{len(absent)} not cached: {', '.join(absent)}"] if absent else []) + (
+                [f"{len(damaged)} of the wrong size: {', '.join(damaged)}"] if damaged else []
+            )
             raise CacheError(
-                f"offline mode is on and {len(todo)} needed file(s) of {paths.repo_id} are not "
-                f"cached in {paths.snapshot(commit)}: {', '.join(todo)}; run `mlxnode cache "
+                f"offline mode is on and needed files of {paths.repo_id} in "
+                f"{paths.snapshot(commit)} are unusable: {'; '.join(found)}; run `mlxnode cache "
                 f"prewarm {paths.repo_id}` while online",
                 path=str(paths.snapshot(commit)),
             )
@@ -751,6 +792,13 @@ def _mismatch(path: Path, record: FileRecord | None, *, hash_it: bool) -> str | 
     if record.sha256 is None:
         record.sha256 = sha256
     return None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _discard_incomplete(staging_root: Path) -> None:
