@@ -99,6 +99,25 @@ class DistributedSetupError(MlxnodeError, RuntimeError):
         self.host = host
 
 
+class PreflightError(DistributedSetupError):
+    """A host is not ready for a run: unreachable, busy ports, or versions that differ.
+
+    Attributes:
+        table: Every host's findings, one line per host, for the CLI to print.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int | None = None,
+        host: str | None = None,
+        table: str = "",
+    ):
+        super().__init__(message, rank=rank, host=host)
+        self.table = table
+
+
 class ClusterBusyError(DistributedSetupError):
     """Another run holds the launcher's cluster lock."""
 

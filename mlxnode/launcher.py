@@ -3,41 +3,67 @@
 `mlx.launch` exits 0 even when a rank fails, and its ring backend waits for an
 unreachable host for minutes. This wrapper, run on the launcher host, adds: a
 cluster lock, a pre-flight of every host, a wall-clock timeout, an exit code
-that says which rank on which host failed, and cleanup of leftover ranks.
+and one line that say which rank on which host failed and why, and cleanup of
+leftover ranks on every host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 import re
+import resource
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from . import preflight
-from .errors import ClusterBusyError, DistributedSetupError, MlxnodeError
+from .errors import ClusterBusyError, DistributedSetupError, MlxnodeError, UsageError
+from .logs import DATE_FORMAT, LOG_FORMAT, RankFilter
+from .metrics import write_atomic
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOCK_FILE = "~/.mlxnode/cluster.lock"
 DEFAULT_TIMEOUT = 3600.0
+# Once a rank has failed, mlx.launch stops the others itself; give it this long before
+# stopping it (it waits minutes on an ssh to a host that dropped off the network).
+STOP_GRACE_SECONDS = 5.0
+# mlx.launch busy-polls one thread per rank; keep it from starving rank 0 on this host.
+MLX_LAUNCH_NICE = 10
 # mlx.launch reports each rank's end on stderr with these lines.
 _RANK_EXIT = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
 _RANK_KILLED = re.compile(r"Node with rank (\d+) was killed")
+# What every rank's CLI (and watchdog) prints last on a failure.
+_ERROR_LINE = re.compile(r"mlxnode: (?:error|internal error): (.+)")
+_ERROR_RANK = re.compile(r"^rank (\d+) on \S+?:? ")
 # Exit codes a rank uses for errors the user caused; passed through unchanged.
 _USER_ERROR_CODES = {2, 3, 4, 5, 7}
+# ssh's own exit code: the session ended without the rank's exit status (the process was
+# killed, or the connection dropped).
+_SSH_LOST = 255
+# mlx.launch stopped the rank itself after another one failed.
+_STOPPED = -int(signal.SIGTERM)
+# With --log-dir: what mlx.launch prints, as it prints it (stdout: rank 0's answer and the
+# ranks' console lines; stderr: this launcher's log, mlx.launch's warnings, the error).
+STDOUT_LOG = "launcher.stdout.log"
+STDERR_LOG = "launcher.stderr.log"
+# Run ids become directory names and part of a pkill pattern.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -46,6 +72,37 @@ class LaunchResult:
     returncode: int
     failed_ranks: dict[int, int]  # rank -> exit code (negative: killed by signal)
     seconds: float
+
+
+@dataclass
+class LaunchReport:
+    """What one launch did, written as JSON next to the run's logs (``--report-json``).
+
+    Filled in as the launch goes, so a failed launch still says how far it got.
+    """
+
+    run_id: str
+    hosts: list[str] = field(default_factory=list)
+    started: str = ""
+    seconds: float = 0.0
+    preflight_seconds: float | None = None
+    preflight: list[dict[str, Any]] = field(default_factory=list)
+    preflight_table: str = ""
+    failed_ranks: dict[int, int] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    timed_out: bool = False
+    exit_code: int | None = None
+    error: str | None = None
+    max_rss_bytes: int = 0
+    children_max_rss_bytes: int = 0
+
+    def finish(self, *, exit_code: int, error: str | None, seconds: float) -> None:
+        self.exit_code, self.error, self.seconds = exit_code, error, seconds
+        self.max_rss_bytes = _max_rss(resource.RUSAGE_SELF)
+        self.children_max_rss_bytes = _max_rss(resource.RUSAGE_CHILDREN)
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        return write_atomic(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -105,9 +162,28 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
 
 
+def check_run_id(run_id: str) -> str:
+    """`run_id`, if it is usable as a directory name and in a process pattern.
+
+    Raises:
+        UsageError: it has other characters than letters, digits, '.', '_' and '-'.
+    """
+    if not _RUN_ID.match(run_id):
+        raise UsageError(
+            f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128), "
+            "starting with a letter or digit"
+        )
+    return run_id
+
+
+def rank_pattern(run_id: str) -> str:
+    """The `pkill -f` pattern of this run's ranks (the brackets keep pkill's shell out)."""
+    return f"[m]lxnode run --run-id {re.escape(run_id)}( |$)"
+
+
 def launch(
     hostfile: str | Path,
-    command: Sequence[str],
+    run_args: Sequence[str],
     *,
     run_id: str,
     backend: str = "ring",
@@ -117,28 +193,45 @@ def launch(
     lock_file: str | Path = DEFAULT_LOCK_FILE,
     check: bool = True,
     connect_timeout: float = preflight.DEFAULT_CONNECT_TIMEOUT,
+    report: LaunchReport | None = None,
+    log_dir: str | Path | None = None,
 ) -> LaunchResult:
-    """Run `command` (argv after the interpreter) on every host of `hostfile`.
+    """Run `mlxnode run --run-id RUN_ID <run_args>` on every host of `hostfile`.
 
     Args:
         hostfile: An `mlx.launch` hostfile; rank order is file order.
-        command: Arguments for the interpreter, e.g. ``["-m", "mlxnode", "run", ...]``.
+        run_args: Arguments of `mlxnode run` (flags, then the prompt).
         run_id: Identifies this run in the lock and in the ranks' command lines.
         python: The interpreter on every host (same path everywhere); default: this one.
         check: Pre-flight every host first.
+        connect_timeout: Seconds for each SSH connection of the pre-flight and cleanup.
+        report: Filled in with what happened (pre-flight, failed ranks, lost hosts).
+        log_dir: Also write the output, as it comes, to STDOUT_LOG and STDERR_LOG there.
 
     Raises:
         ClusterBusyError: another run holds the lock.
-        DistributedSetupError: a host is not ready, a rank died, or the timeout passed.
-        MlxnodeError: every rank failed with the same user-error code (bad prompt...).
+        PreflightError: a host is unreachable, busy or runs other versions.
+        DistributedSetupError: a rank died or lost its peers, or the timeout passed.
+        MlxnodeError: a rank refused its input, cache or model (its exit code, 2-7).
     """
+    check_run_id(run_id)
+    report = report if report is not None else LaunchReport(run_id)
     python = python or sys.executable
     hosts = preflight.load_hostfile(hostfile)
-    with cluster_lock(lock_file, run_id):
+    report.hosts = [h.name for h in hosts]
+    report.started = datetime.now(UTC).isoformat(timespec="seconds")
+    with contextlib.ExitStack() as stack:
+        tee = _open_logs(log_dir, stack) if log_dir is not None else None
+        stack.enter_context(cluster_lock(lock_file, run_id))
         if check:
+            started = time.monotonic()
             reports = preflight.check_hosts(
                 hosts, python=python, starting_port=starting_port, timeout=connect_timeout
             )
+            report.preflight_seconds = time.monotonic() - started
+            report.preflight = [dataclasses.asdict(r) for r in reports]
+            report.preflight_table = preflight.format_table(reports)
+            report.unreachable = {r.host: str(r.error) for r in reports if not r.reachable}
             preflight.ensure_ready(reports)
             logger.info("pre-flight passed for %d hosts", len(hosts))
         argv = [
@@ -147,14 +240,48 @@ def launch(
             "--backend", backend,
             "--starting-port", str(starting_port),
             "--env", f"MLXNODE_RUN_ID={run_id}",
-            python, *command, "--run-id", run_id,
+            python, "-m", "mlxnode", "run", "--run-id", run_id, *run_args,
         ]  # fmt: skip
+        if nice := shutil.which("nice"):
+            argv = [nice, "-n", str(MLX_LAUNCH_NICE), *argv]
         logger.debug("running %s", shlex.join(argv))
         try:
-            result = _supervise(argv, timeout=timeout)
+            result = _supervise(argv, timeout=timeout, tee=tee)
         finally:
-            _cleanup(hosts, run_id)
-    return _judge(result, hosts, run_id)
+            report.unreachable = _cleanup(hosts, run_id, timeout=connect_timeout)
+        report.failed_ranks = dict(result.failed)
+        report.timed_out = result.timed_out
+    return _judge(result, hosts, run_id, report.unreachable)
+
+
+def _open_logs(log_dir: str | Path, stack: contextlib.ExitStack) -> tuple[BinaryIO, BinaryIO]:
+    """Open STDOUT_LOG and STDERR_LOG in `log_dir`; this module's log lines go to the latter."""
+    directory = Path(log_dir).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    out = stack.enter_context(open(directory / STDOUT_LOG, "ab", buffering=0))  # noqa: SIM115
+    err = stack.enter_context(open(directory / STDERR_LOG, "ab", buffering=0))  # noqa: SIM115
+    for path in (directory / STDOUT_LOG, directory / STDERR_LOG):
+        os.chmod(path, 0o644)
+    handler = logging.StreamHandler(_LineWriter(err))
+    handler.addFilter(RankFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    logger.addHandler(handler)
+    stack.callback(logger.removeHandler, handler)
+    return out, err
+
+
+class _LineWriter:
+    """A text stream over a binary file, for a logging handler."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+
+    def write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._raw.write(text.encode())
+
+    def flush(self) -> None:
+        pass
 
 
 @dataclass
@@ -163,44 +290,129 @@ class _Supervised:
     failed: dict[int, int]
     timed_out: bool
     seconds: float
+    timeout: float
+    errors: list[str] = field(default_factory=list)  # the ranks' "mlxnode: error:" lines
+    last_stderr: str = ""
 
 
-def _supervise(argv: list[str], *, timeout: float) -> _Supervised:
-    """Run mlx.launch, pass its output through, and note which ranks ended badly."""
+def _supervise(
+    argv: list[str],
+    *,
+    timeout: float,
+    grace: float = STOP_GRACE_SECONDS,
+    tee: tuple[BinaryIO, BinaryIO] | None = None,
+) -> _Supervised:
+    """Run mlx.launch, pass its output through (and to `tee`), note which ranks ended badly."""
     started = time.monotonic()
-    failed: dict[int, int] = {}
+    state = _Supervised(0, {}, False, 0.0, timeout)
+    first_failure: list[float] = []
+    lock = threading.Lock()
+    # A pipe nobody writes to: mlx.launch polls its stdin, and /dev/null is always readable.
+    stdin_read, stdin_write = os.pipe()
     process = subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
-        stdout=None,  # rank 0's answer streams straight to our stdout
+        stdin=stdin_read,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    os.close(stdin_read)
 
-    def pump() -> None:
-        assert process.stderr is not None
-        for raw in process.stderr:
-            line = raw.decode(errors="replace")
-            if m := _RANK_EXIT.search(line):
-                failed[int(m.group(1))] = int(m.group(2))
-            elif m := _RANK_KILLED.search(line):
-                failed.setdefault(int(m.group(1)), -signal.SIGTERM)
-            sys.stderr.write(line)
-            sys.stderr.flush()
+    def on_line(line: str, from_stderr: bool) -> None:
+        with lock:
+            if from_stderr and (m := _RANK_EXIT.search(line)):
+                state.failed[int(m.group(1))] = int(m.group(2))
+            elif from_stderr and (m := _RANK_KILLED.search(line)):
+                state.failed.setdefault(int(m.group(1)), _STOPPED)
+            elif m := _ERROR_LINE.search(line):
+                state.errors.append(m.group(1).strip())
+            if from_stderr and line.strip():
+                state.last_stderr = line.strip()
+            if state.failed and not first_failure:
+                first_failure.append(time.monotonic())
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    timed_out = False
+    assert process.stdout is not None and process.stderr is not None
+    out_tee, err_tee = tee if tee is not None else (None, None)
+    pumps = [
+        threading.Thread(
+            target=_pump,
+            args=(process.stdout, _sink(sys.stdout, out_tee), on_line, False),
+            daemon=True,
+        ),
+        threading.Thread(
+            target=_pump,
+            args=(process.stderr, _sink(sys.stderr, err_tee), on_line, True),
+            daemon=True,
+        ),
+    ]
+    for pump in pumps:
+        pump.start()
     try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(process)
+        while True:
+            try:
+                process.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if now - started > timeout:
+                state.timed_out = True
+                _kill_group(process)
+                break
+            if first_failure and now - first_failure[0] > grace:
+                logger.warning(
+                    "mlx.launch did not stop the other ranks within %.0fs of the first "
+                    "failure; stopping it",
+                    grace,
+                )
+                _kill_group(process)
+                break
     except BaseException:
         _kill_group(process)
         raise
-    reader.join(timeout=5)
-    return _Supervised(process.returncode, failed, timed_out, time.monotonic() - started)
+    finally:
+        os.close(stdin_write)
+    for pump in pumps:
+        pump.join(timeout=5)
+    state.returncode = process.returncode
+    state.seconds = time.monotonic() - started
+    return state
+
+
+def _sink(stream: Any, tee: BinaryIO | None) -> Callable[[bytes], None]:
+    buffer: BinaryIO | None = getattr(stream, "buffer", None)
+
+    def write(data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if buffer is not None:
+                buffer.write(data)
+                buffer.flush()
+            else:
+                stream.write(data.decode(errors="replace"))
+                stream.flush()
+        if tee is not None:
+            with contextlib.suppress(OSError, ValueError):
+                tee.write(data)
+
+    return write
+
+
+def _pump(
+    source: BinaryIO,
+    sink: Callable[[bytes], None],
+    on_line: Callable[[str, bool], None],
+    from_stderr: bool,
+) -> None:
+    """Copy `source` to `sink` as it comes (rank 0 streams tokens), and scan it by line."""
+    pending = b""
+    fd = source.fileno()
+    while chunk := os.read(fd, 65536):
+        sink(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            on_line(line.decode(errors="replace").rstrip("\r"), from_stderr)
+    if pending:
+        on_line(pending.decode(errors="replace").rstrip("\r"), from_stderr)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -208,48 +420,121 @@ def _kill_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=5)
+        process.wait(timeout=3)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
-def _cleanup(hosts: Sequence[preflight.HostSpec], run_id: str) -> None:
-    """Kill any rank of this run still alive on any host (a rank stuck in a collective)."""
-    # The run id is on every rank's command line (`launch` appends --run-id).
-    pattern = f"mlxnode run .*--run-id {re.escape(run_id)}"
-    preflight.run_everywhere(hosts, ["pkill", "-KILL", "-f", pattern], timeout=5)
+def _cleanup(hosts: Sequence[preflight.HostSpec], run_id: str, *, timeout: float) -> dict:
+    """Kill any rank of this run still alive on any host; return the hosts SSH cannot reach."""
+    # The run id is on every rank's command line, right after `run` (`launch` puts it there).
+    unreachable = preflight.run_everywhere(
+        hosts, ["pkill", "-KILL", "-f", rank_pattern(run_id)], timeout=timeout
+    )
+    for name, why in unreachable.items():
+        logger.warning("cannot reach %s to stop what is left of run %s: %s", name, run_id, why)
+    return unreachable
 
 
-def _judge(result: _Supervised, hosts: Sequence[preflight.HostSpec], run_id: str) -> LaunchResult:
-    by_rank = {h.rank: h.ssh for h in hosts}
+def _priority(code: int) -> int:
+    """How likely a rank's exit is the cause, not a consequence, of a failed run."""
+    if code in _USER_ERROR_CODES:
+        return 0  # refused its input, cache or model: the others only lost it
+    if code == _SSH_LOST or (code < 0 and code != _STOPPED):
+        return 1  # died without an exit status
+    if code == _STOPPED:
+        return 4  # mlx.launch stopped it because another rank failed
+    if code == DistributedSetupError.exit_code:
+        return 3  # lost a peer or timed out waiting for one
+    return 2  # crashed (1) or something else
+
+
+def _how(code: int, host: str, unreachable: dict[str, str]) -> str:
+    if code == _SSH_LOST:
+        if host in unreachable:
+            return "lost its SSH connection"
+        return "was killed (its process ended without an exit status)"
+    if code == _STOPPED:
+        return "was stopped"
+    if code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _rank_error(errors: Sequence[str], rank: int, code: int) -> str | None:
+    """The rank's own one-line error, if it printed one (without its "rank R on H:" prefix)."""
+    for line in errors:
+        m = _ERROR_RANK.match(line)
+        if m and int(m.group(1)) == rank:
+            text = line[m.end() :].strip()
+            # Peer-loss and watchdog lines end in advice; keep what happened.
+            return text if code in _USER_ERROR_CODES else text.split("; ")[0]
+    if code in _USER_ERROR_CODES:
+        # Cache and input errors do not name the rank; the first such line is the one.
+        return next((line for line in errors if not _ERROR_RANK.match(line)), None)
+    return None
+
+
+def _judge(
+    result: _Supervised,
+    hosts: Sequence[preflight.HostSpec],
+    run_id: str,
+    unreachable: dict[str, str],
+) -> LaunchResult:
+    name = {h.rank: h.name for h in hosts}
+    rank_of = {h.name: h.rank for h in hosts}
+    lost = "; ".join(
+        f"lost contact with {host} (rank {rank_of.get(host, '?')}): {why}"
+        for host, why in sorted(unreachable.items())
+    )
+    failed = result.failed
     if result.timed_out:
         raise DistributedSetupError(
-            f"run {run_id} passed its timeout after {result.seconds:.0f}s and was stopped; "
-            "see the rank logs for the last step each rank reached"
+            f"run {run_id} passed its timeout of {result.timeout:g}s and was stopped"
+            + (f"; {lost}" if lost else "")
+            + "; see the rank logs for the last step each rank reached"
         )
-    if result.failed:
-        codes = set(result.failed.values())
-        # Every rank refused the same bad input: report it as that error, not as a crash.
-        if len(result.failed) == len(hosts) and len(codes) == 1 and codes <= _USER_ERROR_CODES:
-            error = MlxnodeError(
-                f"every rank exited with code {codes.pop()}; see the message above"
-            )
-            error.exit_code = next(iter(result.failed.values()))
-            raise error
-        first = min(result.failed, key=lambda r: (result.failed[r] in (0, -signal.SIGTERM), r))
-        code = result.failed[first]
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        others = ", ".join(
-            f"rank {r} on {by_rank.get(r, '?')} ({c})"
-            for r, c in sorted(result.failed.items())
-            if r != first
-        )
+    if not failed and result.returncode != 0:
         raise DistributedSetupError(
-            f"run {run_id}: rank {first} on {by_rank.get(first, '?')} {how}"
-            + (f"; also stopped: {others}" if others else ""),
-            rank=first,
-            host=by_rank.get(first),
+            f"run {run_id}: mlx.launch exited with code {result.returncode}"
+            + (f": {result.last_stderr}" if result.last_stderr else "")
+            + (f"; {lost}" if lost else "")
         )
-    return LaunchResult(run_id, result.returncode, {}, result.seconds)
+    if not failed:
+        return LaunchResult(run_id, result.returncode, {}, result.seconds)
+
+    root = min(failed, key=lambda r: (_priority(failed[r]), r))
+    code = failed[root]
+    detail = _rank_error(result.errors, root, code)
+    every = (
+        code in _USER_ERROR_CODES and len(failed) == len(hosts) and set(failed.values()) == {code}
+    )
+    if every:
+        head, others = f"run {run_id}: every rank exited with code {code}", ""
+    else:
+        how = _how(code, name.get(root, ""), unreachable)
+        head = f"run {run_id}: rank {root} on {name.get(root, '?')} {how}"
+        others = ", ".join(
+            f"rank {r} on {name.get(r, '?')}" + ("" if c == _STOPPED else f" (code {c})")
+            for r, c in sorted(failed.items())
+            if r != root
+        )
+    message = (
+        (f"{lost}; " if lost else "")
+        + head
+        + (f": {detail}" if detail else "")
+        + (f"; also stopped: {others}" if others else "")
+    )
+    if code in _USER_ERROR_CODES:
+        error = MlxnodeError(message)
+        error.exit_code = code
+        raise error
+    raise DistributedSetupError(message, rank=root, host=name.get(root))
+
+
+def _max_rss(who: int) -> int:
+    """Peak resident memory in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    value = resource.getrusage(who).ru_maxrss
+    return int(value if sys.platform == "darwin" else value * 1024)

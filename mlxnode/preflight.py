@@ -19,7 +19,7 @@ from pathlib import Path
 
 import paramiko
 
-from .errors import DistributedSetupError, UsageError
+from .errors import PreflightError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,19 @@ print(json.dumps(report))
 
 @dataclass
 class HostSpec:
-    """One entry of an `mlx.launch` hostfile: the SSH name and the IPs MLX uses."""
+    """One entry of an `mlx.launch` hostfile: the SSH name and the IPs MLX uses.
+
+    `name` is what messages call the host: the hostfile's optional ``name`` (the
+    inventory name mlxnode_config writes there), else the SSH name.
+    """
 
     rank: int
     ssh: str
     ips: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.ssh
 
     @property
     def is_local(self) -> bool:
@@ -97,7 +105,10 @@ def load_hostfile(path: str | Path) -> list[HostSpec]:
         ips = entry.get("ips") or []
         if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
             raise UsageError(f"hostfile {path}: host {rank} 'ips' must be a list of strings")
-        specs.append(HostSpec(rank=rank, ssh=entry["ssh"], ips=ips))
+        name = entry.get("name") or ""
+        if not isinstance(name, str):
+            raise UsageError(f"hostfile {path}: host {rank} 'name' must be a string")
+        specs.append(HostSpec(rank=rank, ssh=entry["ssh"], ips=ips, name=name))
     return specs
 
 
@@ -151,10 +162,16 @@ def problems(reports: Sequence[HostReport]) -> list[str]:
             )
     reachable = [r for r in reports if r.reachable]
     for attribute in ("python", "mlx", "mlx_lm", "mlxnode"):
-        values = {getattr(r, attribute) for r in reachable}
-        if len(values) > 1:
+        hosts_by_value: dict[str, list[str]] = {}
+        for r in reachable:
+            hosts_by_value.setdefault(str(getattr(r, attribute)), []).append(r.host)
+        if len(hosts_by_value) > 1:
+            # Most hosts first, so the odd one out comes last.
+            ranked = sorted(hosts_by_value.items(), key=lambda kv: (-len(kv[1]), kv[0]))
             found.append(
-                f"{attribute} differs between hosts: {', '.join(sorted(map(str, values)))}"
+                f"{attribute} differs between hosts: "
+                + " vs ".join(f"{value} on {', '.join(hosts)}" for value, hosts in ranked)
+                + "; run playbooks/provision.yml so every host has the same"
             )
     return found
 
@@ -181,14 +198,15 @@ def format_table(reports: Sequence[HostReport]) -> str:
 
 
 def ensure_ready(reports: Sequence[HostReport]) -> None:
-    """Raise DistributedSetupError (with the table) unless every host is ready."""
+    """Raise PreflightError (carrying the table) unless every host is ready."""
     found = problems(reports)
     if found:
         first = next((r for r in reports if not r.reachable), None)
-        raise DistributedSetupError(
-            "pre-flight failed: " + "; ".join(found) + "\n" + format_table(reports),
+        raise PreflightError(
+            "pre-flight failed: " + "; ".join(found),
             rank=first.rank if first else None,
             host=first.host if first else None,
+            table=format_table(reports),
         )
 
 
@@ -203,23 +221,33 @@ def run_on_host(host: HostSpec, argv: Sequence[str], *, timeout: float) -> str:
     return _run_ssh(host.ssh, shlex.join(argv), timeout)
 
 
-def run_everywhere(hosts: Sequence[HostSpec], argv: Sequence[str], *, timeout: float) -> None:
-    """Best effort: run `argv` on every host at once, logging (not raising) failures."""
+def run_everywhere(
+    hosts: Sequence[HostSpec], argv: Sequence[str], *, timeout: float
+) -> dict[str, str]:
+    """Best effort: run `argv` on every host at once.
 
-    def one(host: HostSpec) -> None:
+    Returns:
+        The hosts SSH could not reach (name -> why); a command that ran and failed
+        is only logged.
+    """
+
+    def one(host: HostSpec) -> tuple[str, str] | None:
         try:
             run_on_host(host, argv, timeout=timeout)
         except HostCommandError as e:
-            logger.debug("%s on %s: %s", argv[0], host.ssh, e)
+            logger.debug("%s on %s: %s", argv[0], host.name, e)
+            if e.unreachable:
+                return host.name, str(e)
+        return None
 
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        list(pool.map(one, hosts))
+        return dict(found for found in pool.map(one, hosts) if found is not None)
 
 
 def _probe_host(
     host: HostSpec, python: str, ports: list[tuple[str, int]], timeout: float
 ) -> HostReport:
-    report = HostReport(rank=host.rank, host=host.ssh)
+    report = HostReport(rank=host.rank, host=host.name)
     started = time.monotonic()
     try:
         out = run_on_host(host, [python, "-c", _PROBE, json.dumps(ports)], timeout=timeout)

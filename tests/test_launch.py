@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mlxnode import preflight
-from mlxnode.errors import ClusterBusyError, DistributedSetupError
+from mlxnode.errors import ClusterBusyError, DistributedSetupError, PreflightError
 from mlxnode.launcher import cluster_lock
 
 
@@ -120,11 +120,13 @@ def test_version_skew_is_a_problem_with_a_table():
     reports = [
         preflight.HostReport(0, "a", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1.0"),
         preflight.HostReport(1, "b", True, python="/v/bin/python", mlx="0.31.0", mlxnode="0.1.0"),
+        preflight.HostReport(2, "c", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1.0"),
     ]
-    with pytest.raises(DistributedSetupError) as info:
+    with pytest.raises(PreflightError) as info:
         preflight.ensure_ready(reports)
-    assert "mlx differs between hosts: 0.31.0, 0.32.4" in str(info.value)
-    assert "0.31.0" in preflight.format_table(reports)
+    assert "mlx differs between hosts: 0.32.4 on a, c vs 0.31.0 on b;" in str(info.value)
+    assert "\n" not in str(info.value)  # one line; the table travels beside it
+    assert "0.31.0" in info.value.table and info.value.table == preflight.format_table(reports)
 
 
 @pytest.mark.parametrize(
@@ -141,3 +143,132 @@ def test_bad_hostfiles_are_named(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(Exception, match=message):
         preflight.load_hostfile(path)
+
+
+def test_hostfile_names_hosts_by_inventory_name(tmp_path):
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([{"ssh": "10.0.0.1", "ips": ["10.0.0.1"], "name": "studio"}]))
+    (host,) = preflight.load_hostfile(path)
+    assert (host.name, host.ssh) == ("studio", "10.0.0.1")
+    path.write_text(json.dumps([{"ssh": "10.0.0.1"}]))
+    assert preflight.load_hostfile(path)[0].name == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "matches"),
+    [
+        ("/v/bin/python -m mlxnode run --run-id r1 --config c.yaml -- hi", True),
+        ("/v/bin/python -m mlxnode run --run-id r1", True),
+        ("/v/bin/python -m mlxnode run --run-id r10 --config c.yaml", False),
+        ("/v/bin/python -m mlxnode run --run-id xr1 --config c.yaml", False),
+        ("/v/bin/mlxnode launch --run-id r1 -- --config c.yaml", False),
+        ("sh -c pkill -KILL -f '[m]lxnode run --run-id r1( |$)'", False),
+    ],
+)
+def test_rank_pattern_matches_only_this_runs_ranks(cmdline, matches):
+    import re
+
+    from mlxnode.launcher import rank_pattern
+
+    assert bool(re.search(rank_pattern("r1"), cmdline)) is matches
+
+
+@pytest.mark.parametrize("run_id", ["", "-x", "a b", "a;b", "a/b", "x" * 129])
+def test_run_ids_that_cannot_be_a_directory_or_pattern_are_refused(run_id):
+    from mlxnode.errors import UsageError
+    from mlxnode.launcher import check_run_id
+
+    with pytest.raises(UsageError, match="run id"):
+        check_run_id(run_id)
+
+
+def _judged(failed, *, errors=(), unreachable=None, returncode=0, timed_out=False):
+    from mlxnode.launcher import _judge, _Supervised
+
+    hosts = [preflight.HostSpec(r, f"10.0.0.{r + 1}", name=f"h{r + 1}") for r in range(3)]
+    result = _Supervised(returncode, dict(failed), timed_out, 1.0, 30.0, list(errors))
+    try:
+        _judge(result, hosts, "r1", unreachable or {})
+    except Exception as e:  # noqa: BLE001 - the tests look at what was raised
+        return e
+    return None
+
+
+def test_a_rank_killed_mid_run_is_named_not_the_peers_that_lost_it():
+    error = _judged(
+        {1: 255, 0: 6, 2: -15},
+        errors=["rank 0 on h1 lost a peer while generating: [ring] lost; see the other logs"],
+    )
+    assert isinstance(error, DistributedSetupError) and error.exit_code == 6
+    assert str(error) == (
+        "run r1: rank 1 on h2 was killed (its process ended without an exit status); "
+        "also stopped: rank 0 on h1 (code 6), rank 2 on h3"
+    )
+    assert (error.rank, error.host) == (1, "h2")
+
+
+def test_a_partitioned_host_is_named_with_the_watchdog_line():
+    error = _judged(
+        {0: 6},
+        errors=["rank 0 on h1: no progress for 5s while generating; a peer died or hung"],
+        unreachable={"h3": "unreachable over SSH (timed out)"},
+    )
+    assert str(error) == (
+        "lost contact with h3 (rank 2): unreachable over SSH (timed out); run r1: rank 0 on "
+        "h1 exited with code 6: no progress for 5s while generating"
+    )
+
+
+def test_a_rank_that_refused_its_cache_passes_its_exit_code_through():
+    error = _judged(
+        {1: 3, 0: 6, 2: -15},
+        errors=["cached file /c/m.safetensors is 10 bytes, expected 20; run prewarm", "rank 0 x"],
+    )
+    assert error.exit_code == 3
+    assert str(error).startswith(
+        "run r1: rank 1 on h2 exited with code 3: cached file /c/m.safetensors is 10 bytes"
+    )
+
+
+def test_every_rank_refusing_the_same_input_is_that_error():
+    error = _judged({0: 2, 1: 2, 2: 2}, errors=["no prompt: give it as text"])
+    assert error.exit_code == 2
+    assert str(error) == "run r1: every rank exited with code 2: no prompt: give it as text"
+
+
+def test_a_timeout_and_a_clean_run_are_told_apart():
+    error = _judged({}, timed_out=True, unreachable={"h2": "unreachable over SSH"})
+    assert "passed its timeout of 30s" in str(error) and "lost contact with h2" in str(error)
+    assert _judged({}) is None
+    assert "mlx.launch exited with code 2" in str(_judged({}, returncode=2))
+
+
+FAKE_LAUNCH = r"""
+import sys, time
+sys.stdout.write("partial answer"); sys.stdout.flush()
+sys.stdout.write("\r\nmlxnode: error: rank 1 on h2 lost a peer while generating: x; y\r\n")
+sys.stdout.flush()
+sys.stderr.write("\x1b[33m[WARN] Node with rank 1 exited with code 6 \x1b[0m\n")
+sys.stderr.flush()
+time.sleep(600)  # hangs like mlx.launch on an ssh to a host that dropped off the network
+"""
+
+
+def test_supervise_stops_mlx_launch_when_it_hangs_after_a_failure(capfd):
+    from mlxnode.launcher import _supervise
+
+    started = time.monotonic()
+    result = _supervise([sys.executable, "-c", FAKE_LAUNCH], timeout=60, grace=1.0)
+    assert time.monotonic() - started < 10
+    assert result.failed == {1: 6} and not result.timed_out
+    assert result.errors == ["rank 1 on h2 lost a peer while generating: x; y"]
+    out, err = capfd.readouterr()
+    assert out.startswith("partial answer") and "Node with rank 1" in err
+
+
+def test_supervise_enforces_the_timeout():
+    from mlxnode.launcher import _supervise
+
+    started = time.monotonic()
+    result = _supervise([sys.executable, "-c", "import time; time.sleep(600)"], timeout=1)
+    assert result.timed_out and time.monotonic() - started < 10

@@ -8,10 +8,14 @@ the rank and host that failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
+from pathlib import Path
 
 from .. import launcher, preflight
+from ..errors import MlxnodeError, PreflightError
 from ..logs import setup_logging
 
 
@@ -78,6 +82,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--no-preflight", action="store_true", help="Skip the pre-flight check of every host."
     )
+    run.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help=f"Also write the output, as it comes, to DIR/{launcher.STDOUT_LOG} (rank 0's "
+        f"answer, the ranks' console lines) and DIR/{launcher.STDERR_LOG}.",
+    )
+    run.add_argument(
+        "--report-json",
+        metavar="PATH",
+        help="Write what the launch did (pre-flight, failed ranks, lost hosts, the error, "
+        "its own peak memory) as JSON, also when it fails.",
+    )
     run.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then `mlxnode run` arguments.")
     run.set_defaults(handler=launch_main)
 
@@ -102,16 +118,41 @@ def preflight_main(args: argparse.Namespace) -> int:
 def launch_main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
-    result = launcher.launch(
-        args.hostfile,
-        ["-m", "mlxnode", "run", *run_args],
-        run_id=args.run_id or launcher.new_run_id(),
-        backend=args.backend,
-        python=args.python,
-        starting_port=args.starting_port,
-        timeout=args.timeout,
-        lock_file=args.lock_file,
-        check=not args.no_preflight,
-        connect_timeout=args.connect_timeout,
-    )
-    return result.returncode
+    run_id = launcher.check_run_id(args.run_id or launcher.new_run_id())
+    report = launcher.LaunchReport(run_id)
+    started = time.monotonic()
+    code, error = 1, None
+    try:
+        result = launcher.launch(
+            args.hostfile,
+            run_args,
+            run_id=run_id,
+            backend=args.backend,
+            python=args.python,
+            starting_port=args.starting_port,
+            timeout=args.timeout,
+            lock_file=args.lock_file,
+            check=not args.no_preflight,
+            connect_timeout=args.connect_timeout,
+            report=report,
+            log_dir=args.log_dir,
+        )
+        code = result.returncode
+        return code
+    except PreflightError as e:
+        # The table goes to stderr above the CLI's one-line error.
+        print(e.table, file=sys.stderr)
+        code, error = e.exit_code, " ".join(str(e).split())
+        raise
+    except MlxnodeError as e:
+        code, error = e.exit_code, " ".join(str(e).split())
+        raise
+    finally:
+        if error is not None and args.log_dir:
+            # The file should end like the terminal: with the CLI's one line.
+            log = Path(args.log_dir) / launcher.STDERR_LOG
+            with contextlib.suppress(OSError), open(log, "a", encoding="utf-8") as f:
+                f.write(f"mlxnode: error: {error}\n")
+        if args.report_json:
+            report.finish(exit_code=code, error=error, seconds=time.monotonic() - started)
+            report.write(args.report_json)
