@@ -302,14 +302,18 @@ def test_config_yaml_loads_with_mlxnodes_config_loader(rendered):
 def test_hostfile_is_what_mlx_launch_parses(rendered):
     from mlx._distributed_utils.common import Hostfile
 
+    from mlxnode.preflight import load_hostfile
+
     assert not (rendered / "pro" / "hosts.json").exists(), "only the launcher gets a hostfile"
     path = rendered / "studio" / "hosts.json"
     data = json.loads(path.read_text())
     assert data == [
-        {"ssh": "192.0.2.11", "ips": ["10.10.0.1"]},
-        {"ssh": "192.0.2.12", "ips": ["192.0.2.12"]},  # no mlxnode_mlx_ip: ansible_host
-        {"ssh": "192.0.2.13", "ips": ["10.10.0.3"]},
+        {"ssh": "192.0.2.11", "ips": ["10.10.0.1"], "name": "studio"},
+        {"ssh": "192.0.2.12", "ips": ["192.0.2.12"], "name": "pro"},  # no mlxnode_mlx_ip
+        {"ssh": "192.0.2.13", "ips": ["10.10.0.3"], "name": "mini"},
     ]
+    # The names are what `mlxnode launch` calls the hosts in its messages.
+    assert [h.name for h in load_hostfile(path)] == ["studio", "pro", "mini"]
     hostfile = Hostfile.from_file(path)
     assert [h.rank for h in hostfile.hosts] == [0, 1, 2]
     assert [h.ssh_hostname for h in hostfile.hosts] == ["192.0.2.11", "192.0.2.12", "192.0.2.13"]

@@ -107,13 +107,18 @@ def hostfile(
 ) -> list[dict[str, Any]]:
     """mlx.launch hostfile entries, in rank order.
 
-    ring: ``{"ssh": ..., "ips": [...]}``. jaccl adds ``rdma``: for rank i, the
-    RDMA device that reaches rank j (None for itself), from each host's
+    ring: ``{"ssh": ..., "ips": [...], "name": ...}``; `name` is the inventory name, which
+    mlx.launch ignores and `mlxnode launch` uses in its messages. jaccl adds ``rdma``: for
+    rank i, the RDMA device that reaches rank j (None for itself), from each host's
     `mlxnode_rdma_devices` mapping of peer inventory name to device.
     """
     entries = []
     for i, host in enumerate(order):
-        entry: dict[str, Any] = {"ssh": ssh_name(host, hostvars), "ips": [mlx_ip(host, hostvars)]}
+        entry: dict[str, Any] = {
+            "ssh": ssh_name(host, hostvars),
+            "ips": [mlx_ip(host, hostvars)],
+            "name": host,
+        }
         if backend in ("jaccl", "jaccl-ring"):
             devices = hostvars.get(host, {}).get(RDMA_VAR) or {}
             row: list[Any] = []
