@@ -112,6 +112,8 @@ def hostfile(
     rank i, the RDMA device that reaches rank j (None for itself), from each host's
     `mlxnode_rdma_devices` mapping of peer inventory name to device.
     """
+    _refuse_shared_addresses(order, "ansible_host", lambda h: ssh_name(h, hostvars))
+    _refuse_shared_addresses(order, MLX_IP_VAR, lambda h: mlx_ip(h, hostvars))
     entries = []
     for i, host in enumerate(order):
         entry: dict[str, Any] = {
@@ -138,6 +140,17 @@ def hostfile(
     return entries
 
 
+def _refuse_shared_addresses(order: Sequence[str], var: str, address: Any) -> None:
+    """Two hosts on one address would get two ranks on one machine's ports: refuse it."""
+    owners: dict[str, list[str]] = {}
+    for host in order:
+        owners.setdefault(address(host), []).append(host)
+    shared = {a: hosts for a, hosts in owners.items() if len(hosts) > 1}
+    if shared:
+        listing = "; ".join(f"{a} is used by {', '.join(h)}" for a, h in shared.items())
+        raise AnsibleFilterError(f"{var} must differ between hosts: {listing}")
+
+
 def memory_weights(order: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]]) -> list[float]:
     """`mlxnode_memory_weight` per rank, or [] when no host sets one."""
     values = [hostvars.get(h, {}).get(WEIGHT_VAR) for h in order]
@@ -159,17 +172,42 @@ def memory_weights(order: Sequence[str], hostvars: Mapping[str, Mapping[str, Any
 
 
 def layout_args(
-    strategy: str, split: Iterable[Any] | None = None, weights: Iterable[Any] | None = None
+    strategy: str,
+    split: Iterable[Any] | None = None,
+    weights: Iterable[Any] | None = None,
+    world_size: int | None = None,
 ) -> list[str]:
-    """The `--strategy/--split/--weights` flags mlxnode takes, as an argv fragment."""
+    """The `--strategy/--split/--weights` flags mlxnode takes, as an argv fragment.
+
+    Raises:
+        AnsibleFilterError: an entry is not a positive number, or (given `world_size`)
+            there is not one entry per host. The layer count is checked by mlxnode itself.
+    """
     args = ["--strategy", str(strategy)]
-    split = [int(s) for s in (split or [])]
-    weights = [float(w) for w in (weights or [])]
+    split = [_positive("mlxnode_split", s, int) for s in (split or [])]
+    weights = [_positive("mlxnode_weights", w, float) for w in (weights or [])]
+    for var, values in (("mlxnode_split", split), ("mlxnode_weights", weights)):
+        if values and world_size is not None and len(values) != int(world_size):
+            raise AnsibleFilterError(
+                f"{var} has {len(values)} entries for {world_size} hosts; give one per host"
+            )
     if split:
         args += ["--split", ",".join(map(str, split))]
     elif weights:
         args += ["--weights", ",".join(f"{w:g}" for w in weights)]
     return args
+
+
+def _positive(var: str, value: Any, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise AnsibleFilterError(f"{var}: {value!r} is not a number") from None
+    if not number > 0 or (kind is int and str(value).strip() != str(number)):
+        raise AnsibleFilterError(
+            f"{var}: every entry must be a positive {kind.__name__}, got {value!r}"
+        )
+    return number
 
 
 def rsync_ssh(hv: Mapping[str, Any]) -> str:
