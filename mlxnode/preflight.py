@@ -28,14 +28,20 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
 # Runs on each host with the interpreter the job will use; prints one JSON line.
+# mlx_lm's version comes from its metadata: importing it pulls in transformers (~1 s).
 _PROBE = r"""
 import json, socket, sys
+from importlib.metadata import version
 report = {"python": sys.executable}
-for name, module in (("mlx", "mlx.core"), ("mlx_lm", "mlx_lm"), ("mlxnode", "mlxnode")):
+for name, module in (("mlx", "mlx.core"), ("mlxnode", "mlxnode")):
     try:
         report[name] = __import__(module, fromlist=["_"]).__version__
     except Exception as e:
         report[name] = None
+try:
+    report["mlx_lm"] = version("mlx-lm")
+except Exception:
+    report["mlx_lm"] = None
 busy = []
 for ip, port in json.loads(sys.argv[1]):
     s = socket.socket()
