@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from . import __version__
 from .commands import cache, config, launch, run
 from .errors import MlxnodeError
+from .logs import env_rank
 
 logger = logging.getLogger("mlxnode")
 
@@ -42,8 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MlxnodeError as e:
         if _debug(args):
             traceback.print_exc()
-        # One line, whatever a library put in the message.
-        print(f"mlxnode: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"mlxnode: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("mlxnode: interrupted", file=sys.stderr)
@@ -60,6 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _one_line(error: MlxnodeError) -> str:
+    """The error as one line; one rank of several also says which, and its exit code.
+
+    mlx.launch does not always report every rank's exit code (it loses a rank that ends
+    while it stops the others), so `mlxnode launch` reads them from these lines.
+    """
+    text = " ".join(str(error).split())
+    rank, world_size = env_rank()
+    if world_size > 1 and "MLX_RANK" in os.environ and not text.startswith(f"rank {rank} on "):
+        text = f"rank {rank} on {socket.gethostname()} (exit {error.exit_code}): {text}"
+    return text
 
 
 def _debug(args: argparse.Namespace) -> bool:

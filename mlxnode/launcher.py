@@ -50,7 +50,8 @@ _RANK_EXIT = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
 _RANK_KILLED = re.compile(r"Node with rank (\d+) was killed")
 # What every rank's CLI (and watchdog) prints last on a failure.
 _ERROR_LINE = re.compile(r"mlxnode: (?:error|internal error): (.+)")
-_ERROR_RANK = re.compile(r"^rank (\d+) on \S+?:? ")
+# A rank's line names it ("rank 1 on h2: ..."), and its exit code when the CLI printed it.
+_ERROR_RANK = re.compile(r"^rank (\d+) on \S+?(?: \(exit (-?\d+)\))?:? ")
 # Exit codes a rank uses for errors the user caused; passed through unchanged.
 _USER_ERROR_CODES = {2, 3, 4, 5, 7}
 # ssh's own exit code: the session ended without the rank's exit status (the process was
@@ -249,7 +250,7 @@ def launch(
             result = _supervise(argv, timeout=timeout, tee=tee)
         finally:
             report.unreachable = _cleanup(hosts, run_id, timeout=connect_timeout)
-        report.failed_ranks = dict(result.failed)
+        report.failed_ranks = _exit_codes(result)
         report.timed_out = result.timed_out
     return _judge(result, hosts, run_id, report.unreachable)
 
@@ -438,6 +439,15 @@ def _cleanup(hosts: Sequence[preflight.HostSpec], run_id: str, *, timeout: float
     return unreachable
 
 
+def _exit_codes(result: _Supervised) -> dict[int, int]:
+    """Each failed rank's exit code: mlx.launch's report, overridden by the rank's own line."""
+    codes = dict(result.failed)
+    for line in result.errors:
+        if (m := _ERROR_RANK.match(line)) and m.group(2) is not None:
+            codes[int(m.group(1))] = int(m.group(2))
+    return codes
+
+
 def _priority(code: int) -> int:
     """How likely a rank's exit is the cause, not a consequence, of a failed run."""
     if code in _USER_ERROR_CODES:
@@ -489,7 +499,9 @@ def _judge(
         f"lost contact with {host} (rank {rank_of.get(host, '?')}): {why}"
         for host, why in sorted(unreachable.items())
     )
-    failed = result.failed
+    # A rank's own word beats mlx.launch's: it loses ranks that end while it stops the
+    # others, and reports ssh's 255 or its own SIGTERM for them.
+    failed = _exit_codes(result)
     if result.timed_out:
         raise DistributedSetupError(
             f"run {run_id} passed its timeout of {result.timeout:g}s and was stopped"

@@ -272,3 +272,31 @@ def test_supervise_enforces_the_timeout():
     started = time.monotonic()
     result = _supervise([sys.executable, "-c", "import time; time.sleep(600)"], timeout=1)
     assert result.timed_out and time.monotonic() - started < 10
+
+
+def test_a_rank_mlx_launch_lost_is_judged_by_its_own_error_line():
+    # The rank that refused its cache ended while mlx.launch stopped the others, so only
+    # the peers' crashes were reported; the rank's own line carries its exit code.
+    error = _judged(
+        {0: 1, 2: 1},
+        errors=[
+            "rank 1 on h2 (exit 3): cached file /c/m.safetensors is 1000 bytes, expected 9",
+            "RuntimeError: [ring] connection to a peer was lost",
+        ],
+    )
+    assert error.exit_code == 3
+    assert str(error) == (
+        "run r1: rank 1 on h2 exited with code 3: cached file /c/m.safetensors is 1000 bytes, "
+        "expected 9; also stopped: rank 0 on h1 (code 1), rank 2 on h3 (code 1)"
+    )
+
+
+def test_a_rank_of_several_names_itself_and_its_exit_code_in_its_error_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX")}
+    env.update(MLX_RANK="1", MLX_WORLD_SIZE="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxnode", "run", "--model-path", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"mlxnode: error: rank 1 on {socket.gethostname()} (exit 2): no prompt" in result.stderr
