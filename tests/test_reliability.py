@@ -1,0 +1,598 @@
+"""Reliability and security faults, injected for real on a provisioned 3-host testbed.
+
+One cluster per session: a testbed of its own (name and subnet), a Hub server on its
+bridge that also serves a gated repo, and site.yml run once from a snapshot of the tree.
+Each test injects one fault for real and reverts it, so the tests are independent:
+a rank SIGKILLed mid-generation, a host's link cut mid-generation, a host down or a
+ring port taken before the run, a different mlxnode on one host, a flipped byte and a
+truncated weight file, two runs at once, a token that must not leak anywhere, a
+changed host key, and repeated runs that must leave nothing behind.
+
+    .venv/bin/pytest tests/test_reliability.py -s            # the default part (~6 min)
+    MLXNODE_SOAK_RUNS=30 .venv/bin/pytest tests/test_reliability.py -m soak -s
+
+Set MLXNODE_RELIABILITY_RESULTS=FILE to append every measured figure to FILE as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# A name and subnet of its own, so neither a developer's testbed nor test_e2e's is touched.
+NAME = "mlxrel"
+SUBNET = "10.213.11.0/24"
+HOSTS = ("h1", "h2", "h3")
+MODEL = "mlxnode-test/tiny-llama"
+SPLIT = [4, 2, 2]  # rank 0 holds layers 4-7, rank 1 layers 2-3, rank 2 layers 0-1
+GATED = "mlxnode-test/tiny-gated"
+GATED_SPLIT = [2, 1, 1]
+TOKEN = "hf_mlxrelSecretToken0123456789abcdef"
+PROMPT = "The morning train left the station"
+# Long enough that a run is still generating when a fault hits it (the model allows 8192).
+LONG = 4000
+RING_PORT = 32323  # mlx.launch's default; rank r listens on RING_PORT + r
+RUNS_DIR = "/root/.mlxnode/runs"
+CACHE_DIR = "/root/.cache/mlx_models"
+VENV_DIR = "/root/.mlxnode/venv"
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] \[Rank (\d+)/3\] (\w+) ", re.M)
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root"),
+    pytest.mark.skipif(
+        not (shutil.which("ip", path="/usr/sbin:/sbin") and os.access("/usr/sbin/sshd", os.X_OK)),
+        reason="the testbed needs iproute2 and openssh-server",
+    ),
+    pytest.mark.skipif(not shutil.which("rsync"), reason="the roles push files with rsync"),
+]
+
+
+def record(test: str, **figures: object) -> None:
+    """Print a test's measured figures, and append them to $MLXNODE_RELIABILITY_RESULTS."""
+    print(f"\n{test}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    path = os.environ.get("MLXNODE_RELIABILITY_RESULTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": test, **figures}) + "\n")
+
+
+@dataclass
+class Play:
+    rc: int
+    output: str
+    seconds: float
+
+    def check(self) -> Play:
+        assert self.rc == 0, self.output[-8000:]
+        return self
+
+    def failure(self) -> str:
+        """The play's failure message, with Ansible's line wrapping undone."""
+        assert self.rc != 0, self.output[-4000:]
+        return " ".join(self.output.split())
+
+
+class Running:
+    """An ansible-playbook started in the background."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, started: float):
+        self.proc, self.log, self.started = proc, log, started
+
+    def wait(self, timeout: float = 600) -> Play:
+        self.proc.wait(timeout=timeout)
+        return Play(self.proc.returncode, self.log.read_text(), time.monotonic() - self.started)
+
+
+@dataclass
+class Cluster:
+    bed: object
+    hub: object
+    hub_root: Path
+    inventory: Path
+    work: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.work / "logs"
+
+    def _argv_env(self, name: str, extra: tuple[str, ...], inventory: Path | None = None):
+        argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory or self.inventory)]
+        argv += [str(ROOT / "playbooks" / name), *extra]
+        env = {
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_LOCAL_TEMP": str(self.work / "ansible-tmp"),
+        }
+        return argv, env
+
+    def playbook(self, name: str, *extra: str, timeout: float = 600) -> Play:
+        argv, env = self._argv_env(name, extra)
+        started = time.monotonic()
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        return Play(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
+
+    def start(self, name: str, *extra: str, log: str) -> Running:
+        argv, env = self._argv_env(name, extra)
+        path = self.work / f"{log}.out"
+        with path.open("w") as out:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return Running(proc, path, time.monotonic())
+
+    def run_vars(self, run_id: str, *args: str, max_tokens: int = 8) -> tuple[str, ...]:
+        extra = {
+            "prompt": PROMPT,
+            "run_id": run_id,
+            "mlxnode_run_args": ["--max-tokens", str(max_tokens), "--no-chat-template", *args],
+        }
+        return ("-e", json.dumps(extra))
+
+    def run(self, run_id: str, *args: str, max_tokens: int = 8, verbose: bool = False) -> Play:
+        extra = self.run_vars(run_id, *args, max_tokens=max_tokens)
+        return self.playbook("run.yml", *extra, *(["-vvv"] if verbose else []))
+
+    def start_run(self, run_id: str, *args: str, max_tokens: int = LONG) -> Running:
+        return self.start(
+            "run.yml", *self.run_vars(run_id, *args, max_tokens=max_tokens), log=run_id
+        )
+
+    def ssh(self, host: str, command: str, *, check: bool = True, timeout: float = 60):
+        proc = subprocess.run(
+            self.bed.ssh_command(host, command), capture_output=True, text=True, timeout=timeout
+        )
+        if check:
+            assert proc.returncode == 0, f"{host}: {command}: {proc.stderr}"
+        return proc
+
+    def generating(self, run_id: str) -> bool:
+        """Rank 0 has streamed answer text: every rank is past loading and in generation."""
+        out = self.ssh(
+            "h1", f"cat {RUNS_DIR}/{run_id}/launcher.stdout.log 2>/dev/null", check=False
+        ).stdout
+        marker = out.rfind("waiting for the other ranks")
+        return marker >= 0 and len(out[marker:].split("\n", 1)[-1].strip()) >= 5
+
+    def leftovers(self) -> dict[str, str]:
+        """Per host: ranks still running, ring ports still listening, a lock file left."""
+        ports = f"sport >= :{RING_PORT} and sport <= :{RING_PORT + len(HOSTS) - 1}"
+        found = {}
+        for host in HOSTS:
+            out = self.ssh(
+                host,
+                f"pgrep -af '[m]lxnode run'; ss -Htln '( {ports} )'; "
+                f"test -e {RUNS_DIR}/cluster.lock && echo 'lock file {RUNS_DIR}/cluster.lock'",
+                check=False,
+            ).stdout.strip()
+            if out:
+                found[host] = out
+        return found
+
+    def rank_logs(self, run_id: str) -> dict[str, Path]:
+        return {
+            host: self.logs / run_id / host / f"inference.rank{rank}.log"
+            for rank, host in enumerate(HOSTS)
+        }
+
+    def weight_file(self, rank: int, model: str = MODEL, split=SPLIT) -> str:
+        """The first weight file `rank` needs, as a (glob) path on its host."""
+        from mlxnode.sharding import files_for_layers
+
+        index = json.loads((self.hub_root / model / "model.safetensors.index.json").read_text())
+        start = sum(split[:rank])
+        name = sorted(files_for_layers(index["weight_map"], start, start + split[rank]))[0]
+        return f"{CACHE_DIR}/{model.replace('/', '--')}/snapshots/*/{name}"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.3)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    from mlxnode.testing.hubserver import GATED_MARKER, HubServer
+    from mlxnode.testing.testbed import Testbed
+    from mlxnode.testing.tiny_model import make_tiny_model
+
+    work = tmp_path_factory.mktemp("reliability")
+    # Build the wheel from a snapshot, so edits to the tree during the session change nothing.
+    source = work / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "mlxnode", source / "mlxnode", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    hub_root = work / "hub"
+    make_tiny_model(
+        hub_root / MODEL, arch="llama", num_layers=8, num_shards=4, max_position_embeddings=8192
+    )
+    make_tiny_model(hub_root / GATED, arch="llama", num_layers=4, num_shards=2)
+    (hub_root / GATED / GATED_MARKER).touch()
+    bed = Testbed(NAME, hosts=3, subnet=SUBNET)
+    bed.down()  # whatever an interrupted earlier run left behind
+    try:
+        bed.up()
+        with HubServer(hub_root, host=bed.controller_ip, port=0, token=TOKEN) as hub:
+            inventory = work / "inventory" / "hosts.yml"
+            bed.write_inventory(
+                inventory,
+                group_vars={
+                    "mlxnode_model": MODEL,
+                    "mlxnode_split": SPLIT,
+                    "mlxnode_strategy": "pipeline",
+                    "mlxnode_hf_endpoint": hub.endpoint,
+                    "mlxnode_cache_controller_dir": str(work / "controller-cache"),
+                    "mlxnode_run_logs_dir": str(work / "logs"),
+                    "mlxnode_host_source_dir": str(source),
+                },
+            )
+            cluster = Cluster(bed, hub, hub_root, inventory, work)
+            play = cluster.playbook("site.yml", timeout=900).check()
+            record("provision", site_seconds=round(play.seconds, 1))
+            yield cluster
+    finally:
+        bed.down()
+
+
+@pytest.fixture(autouse=True)
+def _fault_free(cluster) -> Iterator[None]:
+    """Each test starts and ends with every link up and no rank of any run left."""
+    yield
+    for host in HOSTS:
+        cluster.bed.set_link(host, True)
+    for host in HOSTS:
+        wait_for(lambda h=host: cluster.ssh(h, "true", check=False).returncode == 0, 30, host)
+        cluster.bed.kill_host_processes(host, r"mlxnode run", sig=signal.SIGKILL)
+
+
+# -- a rank dies, the network splits
+
+
+def test_a_rank_killed_mid_generation_fails_the_run_naming_it(cluster):
+    run_id = "rel-kill"
+    running = cluster.start_run(run_id)
+    wait_for(lambda: cluster.generating(run_id), 120, "generation to start")
+    killed = cluster.bed.kill_host_processes(
+        "h2", rf"mlxnode run --run-id {run_id}\b", sig=signal.SIGKILL
+    )
+    killed_at = time.monotonic()
+    assert killed, "rank 1 was not running on h2"
+    play = running.wait()
+    after = time.monotonic() - killed_at
+    message = play.failure()
+    record("dead rank", seconds_after_kill=round(after, 1))
+    assert after < 15, f"run.yml took {after:.1f}s after the kill"
+    assert "rank 1 on h2 was killed" in message, message[-3000:]
+    # Every rank's log came back, the killed one's too (it wrote until it died).
+    for host, log in cluster.rank_logs(run_id).items():
+        assert log.is_file(), f"{host}: {sorted((cluster.logs / run_id).rglob('*'))}"
+    assert (cluster.logs / run_id / "h1" / "launcher.stderr.log").is_file()
+    assert cluster.leftovers() == {}
+
+
+def test_a_partitioned_host_trips_the_watchdog_and_the_rest_is_collected(cluster):
+    run_id = "rel-partition"
+    running = cluster.start_run(run_id, "--step-timeout", "5")
+    wait_for(lambda: cluster.generating(run_id), 120, "generation to start")
+    cut = datetime.now().replace(microsecond=0)  # the hosts log local time, as this clock
+    cluster.bed.set_link("h3", False)
+    cut_at = time.monotonic()
+    try:
+        play = running.wait()
+        after = time.monotonic() - cut_at
+    finally:
+        cluster.bed.set_link("h3", True)
+    message = play.failure()
+    assert "lost contact with h3 (rank 2)" in message, message[-3000:]
+    assert "rank 0 on h1 exited with code 6: no progress for 5s while generating" in message
+    assert "not reachable: h3" in message
+    # The ranks that could still be reached failed on their own, within timeout + 10 s.
+    logs = cluster.rank_logs(run_id)
+    assert logs["h1"].is_file() and logs["h2"].is_file()
+    assert not (cluster.logs / run_id / "h3").exists()  # unreachable: skipped, not waited on
+    waited = {}
+    for host in ("h1", "h2"):
+        for stamp, _rank, level in LOG_TIME.findall(logs[host].read_text()):
+            if level == "ERROR":
+                waited[host] = (datetime.fromisoformat(stamp) - cut).total_seconds()
+                break
+    assert "h1" in waited, logs["h1"].read_text()[-2000:]
+    assert all(s <= 5 + 10 for s in waited.values()), waited
+    assert "DistributedSetupError" not in message  # the user sees the sentence, not the type
+    record(
+        "partition",
+        rank_error_after_cut_s=waited,
+        play_seconds_after_cut=round(after, 1),
+    )
+    # h3's own rank gave up too (its watchdog), so nothing is left once the link is back.
+    wait_for(lambda: cluster.leftovers() == {}, 30, "rank 2 on h3 to exit")
+
+
+# -- the launcher refuses to start
+
+
+def test_an_unreachable_host_is_named_by_the_preflight_within_20s(cluster):
+    cluster.bed.set_link("h2", False)
+    try:
+        play = cluster.run("rel-down")
+    finally:
+        cluster.bed.set_link("h2", True)
+    message = play.failure()
+    record("unreachable host", play_seconds=round(play.seconds, 1))
+    assert play.seconds < 20
+    assert "exit 6): pre-flight failed: rank 1 on h2: unreachable over SSH" in message
+    assert re.search(r"- 1 h2 NO \(unreachable over SSH", message), message[-3000:]
+    assert "not reachable: h2" in message
+    # Ansible itself never waited on h2: the launcher's pre-flight refused first.
+    recap = {m[0]: int(m[1]) for m in RECAP.findall(play.output)}
+    assert recap.get("h2") == 0, recap
+
+
+def test_a_ring_port_in_use_is_named_by_the_preflight(cluster):
+    port = RING_PORT + 2  # rank 2's, on h3
+    # SO_REUSEADDR: the previous runs' ring connections on this port may be in TIME_WAIT.
+    squat = (
+        "import socket, time\ns = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('0.0.0.0', {port}))\ns.listen()\ntime.sleep(600)\n"
+    )
+    cluster.ssh("h3", f"cat > /root/squat.py <<'EOF'\n{squat}EOF")
+    cluster.ssh(
+        "h3",
+        "setsid nohup python3 /root/squat.py >/dev/null 2>&1 </dev/null & "
+        f"for i in $(seq 50); do ss -Htln 'sport = :{port}' | grep -q . && exit 0; sleep 0.1; "
+        "done; exit 1",
+    )
+    try:
+        play = cluster.run("rel-port")
+    finally:
+        cluster.ssh("h3", "pkill -f '[s]quat.py'; rm -f /root/squat.py", check=False)
+    message = play.failure()
+    record("busy ring port", play_seconds=round(play.seconds, 1))
+    assert f"pre-flight failed: rank 2 on h3: port {port} already in use" in message
+    assert re.search(rf"- 2 h3 yes \S+ \S+ \S+ \S+ {port}", message), message[-3000:]
+
+
+def test_a_different_mlxnode_on_one_host_is_refused_with_a_table(cluster):
+    init = f"{VENV_DIR}/lib/python3*/site-packages/mlxnode/__init__.py"
+    cluster.ssh("h3", f"cp -p {init} /root/init.py.orig")
+    cluster.ssh("h3", f"sed -i 's/^__version__ = .*/__version__ = \"0.0.0+skew\"/' {init}")
+    try:
+        play = cluster.run("rel-skew")
+    finally:
+        cluster.ssh("h3", f"cp -p /root/init.py.orig {init} && rm /root/init.py.orig")
+    message = play.failure()
+    record("version skew", play_seconds=round(play.seconds, 1))
+    assert "mlxnode differs between hosts: 0.1.0 on h1, h2 vs 0.0.0+skew on h3" in message
+    for rank, host in enumerate(HOSTS):
+        version = "0.0.0+skew" if host == "h3" else "0.1.0"
+        assert re.search(rf"- {rank} {host} yes \S+ \S+ \S+ {re.escape(version)} -", message)
+
+
+# -- the model cache is damaged
+
+
+def test_a_flipped_byte_fails_verify_and_health_naming_file_and_host(cluster):
+    target = cluster.weight_file(1)
+    name = target.rsplit("/", 1)[1]
+    flip = (
+        "import sys; f = open(sys.argv[1], 'r+b'); f.seek(-100, 2); b = f.read(1); "
+        "f.seek(-100, 2); f.write(bytes([b[0] ^ 0xFF])); f.close()"
+    )
+    cluster.ssh("h2", f'cp -p {target} /root/weight.orig && python3 -c "{flip}" {target}')
+    try:
+        verify = cluster.ssh(
+            "h2",
+            f"cd /tmp && {VENV_DIR}/bin/mlxnode cache verify {MODEL} --rank 1 --world-size 3 "
+            f"--strategy pipeline --split {','.join(map(str, SPLIT))} --offline",
+            check=False,
+        )
+        health = cluster.playbook("health.yml")
+    finally:
+        cluster.ssh("h2", f"cp -p /root/weight.orig {target} && rm /root/weight.orig")
+    assert verify.returncode == 3, verify.stdout + verify.stderr
+    assert re.search(rf"CORRUPT\s+{name}", verify.stdout) and name in verify.stderr
+    assert health.rc != 0 and "Not ready: h2" in health.output
+    row = next(line for line in health.output.splitlines() if line.strip().startswith("h2 "))
+    assert f"corrupt {name}" in row, row
+    record("flipped byte", health_seconds=round(health.seconds, 1))
+
+
+def test_a_truncated_weight_file_is_refused_with_exit_3(cluster):
+    target = cluster.weight_file(1)
+    name = target.rsplit("/", 1)[1]
+    cluster.ssh("h2", f"cp -p {target} /root/weight.orig && truncate -s 1000 {target}")
+    try:
+        play = cluster.run("rel-truncated")
+    finally:
+        cluster.ssh("h2", f"cp -p /root/weight.orig {target} && rm /root/weight.orig")
+    message = play.failure()
+    record("truncated file", play_seconds=round(play.seconds, 1))
+    # The rank's CacheError (exit 3) is passed through, not turned into a crash.
+    assert "mlxnode launch failed on h1 (exit 3): run rel-truncated: rank 1 on h2 " in message
+    assert re.search(rf"{name} is 1000 bytes, expected \d+", message), message[-3000:]
+    rank1 = cluster.rank_logs("rel-truncated")["h2"].read_text()
+    assert "ERROR" in rank1 and f"{name} is 1000 bytes" in rank1
+    assert cluster.leftovers() == {}
+
+
+# -- two runs at once
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_cluster(cluster):
+    first = cluster.start_run("rel-busy-a", max_tokens=600)
+    lock = f"{RUNS_DIR}/cluster.lock"
+    wait_for(lambda: cluster.ssh("h1", f"test -s {lock}", check=False).returncode == 0, 60, lock)
+    second = cluster.run("rel-busy-b")
+    message = second.failure()
+    assert re.search(
+        r"\(exit 8\): cluster busy: run rel-busy-a started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", message
+    ), message[-3000:]
+    first.wait().check()
+    assert cluster.leftovers() == {}  # released, lock file gone
+    third = cluster.run("rel-busy-c").check()
+    record("concurrent", refused_after_s=round(second.seconds, 1), third_s=round(third.seconds, 1))
+
+
+# -- secrets and host keys
+
+
+def test_the_hub_token_appears_in_no_output_log_or_file(cluster):
+    secrets = cluster.work / "secret-vars.yml"
+    secrets.write_text(
+        yaml.safe_dump(
+            {"mlxnode_hf_token": TOKEN, "mlxnode_model": GATED, "mlxnode_split": GATED_SPLIT}
+        )
+    )
+    secrets.chmod(0o600)
+    try:
+        site = cluster.playbook("site.yml", "-vvv", "-e", f"@{secrets}").check()
+        run = cluster.playbook(
+            "run.yml", "-vvv", "-e", f"@{secrets}", *cluster.run_vars("rel-secret")
+        ).check()
+        # The token was needed and used: every host holds the gated model now.
+        for host in HOSTS:
+            cluster.ssh(host, f"ls {CACHE_DIR}/{GATED.replace('/', '--')}/snapshots/*/config.json")
+    finally:
+        secrets.unlink()
+        cluster.playbook("configure.yml").check()  # back to the ungated model
+    assert len(site.output) > 100_000  # -vvv really was verbose
+    for name, text in (("site.yml -vvv", site.output), ("run.yml -vvv", run.output)):
+        assert TOKEN not in text, f"{name} printed the token"
+    leaked = subprocess.run(
+        ["grep", "-rlF", TOKEN, str(cluster.logs), str(cluster.work / "ansible-tmp"),
+         str(cluster.work / "controller-cache")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert leaked.stdout == "", f"the token is in {leaked.stdout}"
+    for host in HOSTS:
+        # /root holds ~/.mlxnode (venv, config, runs) and the cache; /tmp the token's dir.
+        found = cluster.ssh(host, f"grep -rlF -D skip {TOKEN} /root /tmp", check=False)
+        assert found.returncode == 1 and found.stdout == "", f"{host}: {found.stdout}"
+        assert cluster.ssh(host, "ls -d /tmp/mlxnode-hub.* 2>/dev/null", check=False).stdout == ""
+        writable = cluster.ssh(
+            host, f"find /root/.mlxnode {CACHE_DIR} -perm -0002 ! -type l"
+        ).stdout
+        assert writable == "", f"{host}: world-writable: {writable}"
+    assert not [p for p in cluster.logs.rglob("*") if p.stat().st_mode & 0o002]
+    record("secrets", site_vvv_seconds=round(site.seconds, 1), run_vvv_bytes=len(run.output))
+
+
+FORBIDDEN_SSH = re.compile(
+    r"StrictHostKeyChecking[= ]+(no|off|accept-new)|UserKnownHostsFile[= ]+/dev/null"
+    r"|host_key_checking\s*=\s*(false|no|0)|AutoAddPolicy|WarningPolicy",
+    re.I,
+)
+
+
+def test_host_keys_are_checked_and_a_changed_key_is_refused(cluster, tmp_path):
+    config = (ROOT / "ansible.cfg").read_text()
+    assert re.search(r"^host_key_checking = True$", config, re.M)
+    sources = [ROOT / "ansible.cfg", cluster.inventory]
+    for folder in ("inventory", "roles", "playbooks", "mlxnode"):
+        sources += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".yml", ".py", ".j2")]
+    offending = [str(p) for p in sources if FORBIDDEN_SSH.search(p.read_text(errors="replace"))]
+    assert offending == []
+
+    # A key that is not h2's, as if h2 had been reinstalled or were an impostor.
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
+    )
+    other = (tmp_path / "other.pub").read_text().split()[:2]
+    h2 = cluster.bed.host("h2").ip
+
+    # Ansible, through a fresh connection (not an already open master), refuses h2.
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "".join(
+            f"{h2} {' '.join(other)}\n" if line.startswith(f"{h2} ") else line + "\n"
+            for line in cluster.bed.known_hosts_path.read_text().splitlines()
+        )
+    )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        cluster.inventory.read_text().replace(str(cluster.bed.known_hosts_path), str(known))
+    )
+    ping = subprocess.run(
+        [str(VENV_BIN / "ansible"), "-i", str(inventory), "h2", "-m", "ansible.builtin.ping"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp"), "ANSIBLE_NOCOLOR": "1"},
+    )  # fmt: skip
+    assert ping.returncode != 0 and "UNREACHABLE" in ping.stdout
+    assert "Host key verification failed" in ping.stdout + ping.stderr
+
+    # The launcher (on h1, for its pre-flight and for mlx.launch) refuses h2 as well.
+    known_on_h1 = "/root/.ssh/known_hosts"
+    cluster.ssh("h1", f"cp -p {known_on_h1} /root/known_hosts.orig")
+    cluster.ssh("h1", f"sed -i 's|^{h2} .*|{h2} {' '.join(other)}|' {known_on_h1}")
+    try:
+        play = cluster.run("rel-hostkey")
+    finally:
+        cluster.ssh("h1", f"mv /root/known_hosts.orig {known_on_h1}")
+    assert "rank 1 on h2: host key does not match known_hosts" in play.failure()
+
+
+# -- repeated runs leave nothing behind
+
+
+def _soak(cluster: Cluster, runs: int, label: str) -> None:
+    seconds, rss = [], []
+    for i in range(runs):
+        run_id = f"rel-{label}-{i:03d}"
+        play = cluster.run(run_id)
+        assert play.rc == 0, f"run {i}: {play.output[-6000:]}"
+        assert cluster.leftovers() == {}, f"after run {i}"
+        report = json.loads((cluster.logs / run_id / "h1" / "launcher.json").read_text())
+        assert report["exit_code"] == 0 and report["unreachable"] == {}
+        seconds.append(play.seconds)
+        rss.append(report["max_rss_bytes"])
+    third = max(runs // 3, 1)
+    first, last = statistics.median(rss[:third]), statistics.median(rss[-third:])
+    mib = [round(r / 2**20, 1) for r in rss]
+    record(
+        label,
+        runs=runs,
+        run_seconds_median=round(statistics.median(seconds), 1),
+        run_seconds_max=round(max(seconds), 1),
+        launcher_rss_mib=mib,
+        rss_first_third_median_mib=round(first / 2**20, 1),
+        rss_last_third_median_mib=round(last / 2**20, 1),
+    )
+    # Each launch is a fresh process; its peak must not creep up with the number of runs.
+    assert last <= first * 1.10 + 2 * 2**20, mib
+
+
+def test_five_runs_in_a_row_leave_nothing_behind(cluster):
+    _soak(cluster, 5, "short-soak")
+
+
+@pytest.mark.soak
+def test_soak_runs_leave_nothing_behind_and_do_not_grow(cluster):
+    _soak(cluster, int(os.environ.get("MLXNODE_SOAK_RUNS", "30")), "soak")
