@@ -330,7 +330,11 @@ def _run_ssh(host: str, command: str, timeout: float) -> str:
     except (TimeoutError, OSError) as e:
         raise HostCommandError(f"unreachable over SSH ({e})", unreachable=True) from e
     except paramiko.BadHostKeyException as e:
-        raise HostCommandError("host key does not match known_hosts", unreachable=True) from e
+        raise HostCommandError(
+            "host key does not match known_hosts (if the host was reinstalled, remove its old "
+            "key with ssh-keygen -R and rerun playbooks/provision.yml; if not, do not connect)",
+            unreachable=True,
+        ) from e
     except paramiko.SSHException as e:
         raise HostCommandError(f"SSH failed ({e})", unreachable=True) from e
     try:
