@@ -338,6 +338,7 @@ class Engine:
         sampler = _make_sampler(gen.temperature, gen.top_p)
         from mlx_lm.generate import generation_stream
 
+        logger.info("generating %d prompt(s), up to %d new tokens", len(batch), gen.max_tokens)
         with _peer_errors(self.rank, "generating"), self._guard_step("generating"):
             if len(batch) == 1:
                 result = self._stream(batch[0], sampler=sampler, on_text=on_text)
@@ -562,7 +563,10 @@ def _run(
         f", run {run_id}" if run_id else "",
     )
     engine = Engine.prepare(config, group=group, watchdog=watchdog, load_timeout=load_timeout)
-    with engine._guard_wait("waiting for the prompts from rank 0", load_timeout):
+    with (
+        _peer_errors(group.rank(), "receiving the prompts"),
+        engine._guard_wait("waiting for the prompts from rank 0", load_timeout),
+    ):
         shared = share_prompts(group, prompts)
     batch = engine.encode(shared)
     plan = engine.load()
@@ -594,7 +598,7 @@ def _run(
             )
         )
 
-    with engine._guard_step("gathering metrics"):
+    with _peer_errors(group.rank(), "gathering metrics"), engine._guard_step("gathering metrics"):
         ranks = distributed.all_gather_json(
             group,
             {
