@@ -1,7 +1,8 @@
 """The distributed group: joining it, and the few small collectives the engine needs.
 
 Everything here runs on the CPU stream, because it moves a handful of bytes
-(prompts from rank 0, per-rank statistics) and must not queue behind model work.
+(prompts from rank 0, per-rank statistics) and must not queue behind model work. Each such
+collective first checks that every rank is at the same step (see `_agree`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import zlib
 from typing import Any
 
 import mlx.core as mx
@@ -71,15 +73,23 @@ def barrier(group: mx.distributed.Group) -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
-def broadcast_bytes(group: mx.distributed.Group, data: bytes | None) -> bytes:
-    """Rank 0's `data` on every rank (other ranks pass None)."""
+# Every control-plane collective starts with a header gathered from all ranks: this magic
+# number, a checksum of what the rank is doing, and its payload length. When ranks fall out of
+# step (one still generating, one gathering metrics), the header shows it, instead of one
+# collective reading another's bytes as JSON.
+_MAGIC = 0x6D6C786E  # "mlxn"
+
+
+def broadcast_bytes(group: mx.distributed.Group, data: bytes | None, *, what: str) -> bytes:
+    """Rank 0's `data` on every rank (other ranks pass None); `what` names the step in errors.
+
+    Raises:
+        DistributedSetupError: the ranks are not all at this step.
+    """
     if group.size() == 1:
         return data or b""
     mine = data if group.rank() == 0 and data is not None else b""
-    length = mx.distributed.all_sum(
-        mx.array([len(mine)], dtype=mx.int32), group=group, stream=mx.cpu
-    )
-    n = int(length.item())
+    n = _agree(group, what, len(mine))[0]
     if n == 0:
         return b""
     payload = mx.array(np.frombuffer(mine, dtype=np.uint8)) if mine else mx.zeros((n,), mx.uint8)
@@ -87,24 +97,52 @@ def broadcast_bytes(group: mx.distributed.Group, data: bytes | None) -> bytes:
     return bytes(np.asarray(total))
 
 
-def broadcast_json(group: mx.distributed.Group, value: Any) -> Any:
+def broadcast_json(group: mx.distributed.Group, value: Any, *, what: str) -> Any:
     """Rank 0's JSON-serialisable `value` on every rank."""
     data = json.dumps(value).encode("utf-8") if group.rank() == 0 else None
-    return json.loads(broadcast_bytes(group, data).decode("utf-8"))
+    return _decode(broadcast_bytes(group, data, what=what), group, what)
 
 
-def all_gather_json(group: mx.distributed.Group, value: Any) -> list[Any]:
+def all_gather_json(group: mx.distributed.Group, value: Any, *, what: str) -> list[Any]:
     """Every rank's JSON-serialisable `value`, in rank order, on every rank."""
     data = json.dumps(value).encode("utf-8")
     if group.size() == 1:
         return [value]
-    longest = int(
-        mx.distributed.all_max(
-            mx.array([len(data)], dtype=mx.int32), group=group, stream=mx.cpu
-        ).item()
-    )
+    longest = max(_agree(group, what, len(data)))
     padded = np.zeros((longest,), dtype=np.uint8)
     padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
     gathered = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
     rows = gathered.reshape(group.size(), longest)
-    return [json.loads(bytes(row).rstrip(b"\0").decode("utf-8")) for row in rows]
+    return [_decode(bytes(row).rstrip(b"\0"), group, what) for row in rows]
+
+
+def _agree(group: mx.distributed.Group, what: str, length: int) -> list[int]:
+    """Check that every rank is at step `what`; return each rank's payload length."""
+    header = mx.array([_MAGIC, zlib.crc32(what.encode()) & 0x7FFFFFFF, length], dtype=mx.int32)
+    rows = np.array(mx.distributed.all_gather(header, group=group, stream=mx.cpu)).reshape(-1, 3)
+    mine = rows[group.rank()]
+    strays = [r for r, row in enumerate(rows) if row[0] != _MAGIC or row[1] != mine[1]]
+    if strays:
+        others = ", ".join(f"rank {r}" for r in strays)
+        raise out_of_step(
+            group, f"{what}: {others} {'is' if len(strays) == 1 else 'are'} at another step"
+        )
+    return [int(row[2]) for row in rows]
+
+
+def _decode(data: bytes, group: mx.distributed.Group, what: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise out_of_step(group, f"{what}: a rank's data did not decode ({e})") from e
+
+
+def out_of_step(group: mx.distributed.Group, detail: str) -> DistributedSetupError:
+    """The error for ranks that are no longer in the same collective."""
+    rank, host = group.rank(), socket.gethostname()
+    return DistributedSetupError(
+        f"ranks out of step while {detail}; rank {rank} on {host} stops. Check that every host "
+        "runs the same mlxnode and model files, and see the other ranks' logs",
+        rank=rank,
+        host=host,
+    )

@@ -608,6 +608,7 @@ def _run(
                 "load_seconds": engine.load_seconds,
                 "peak_memory_bytes": int(mx.get_peak_memory()),
             },
+            what="gathering metrics",
         )
     metrics = RunMetrics(
         model=engine.model_name,
@@ -658,7 +659,7 @@ def share_prompts(
         except MlxnodeError as e:
             error = e
             payload = {"error": type(e).__name__, "message": str(e)}
-    shared = distributed.broadcast_json(group, payload)
+    shared = distributed.broadcast_json(group, payload, what="sharing the prompts")
     if error is not None:
         raise error
     if "error" in shared:

@@ -15,16 +15,31 @@ final norms and logit soft-caps keep working as the model wrote them. Rank r hol
   depend on the send, since prompt prefill evaluates only the caches;
 - layer n - 1 (rank 0's last, a placeholder elsewhere): all-gathers the hidden state, so every
   rank normalises and projects rank 0's output and samples the same token.
+
+What travels between ranks must be known exactly on both sides: a receiving rank sizes its
+buffer from the shape and dtype it expects, and real checkpoints are often mixed precision
+(float32 norms next to 16-bit weights make a layer's output float32 while its input, the
+embedding, is 16-bit). So after wiring, `agree_on_wire` traces every rank's forward pass
+lazily, without running it or touching the network, in pipeline order (the rank holding layer
+0 first), and tells each rank the dtype its sender's layers produce. The same trace serves
+mlx-lm's own `pipeline()` models, whose `recv_like` takes the dtype of the embedding: on the
+ranks that do not hold layer 0 the embedding only sets the receive buffer's shape, so it is
+cast to what the sender sends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
+
+from . import distributed
+from .errors import ModelLoadError
 
 # Attributes every nn.Module sets for itself; not copied onto placeholders.
 _MODULE_INTERNALS = ("_no_grad", "_training")
@@ -58,6 +73,10 @@ class _PipelineSlot(nn.Module):
         self._recv_from = recv_from
         self._send_to = send_to
         self._gather = gather
+        # Set by `agree_on_wire`: the dtype the sender's layers produce, and rank 0's output
+        # dtype, which every rank's all-gather contribution must share.
+        self.recv_dtype: mx.Dtype | None = None
+        self.gather_dtype: mx.Dtype | None = None
 
     def __getattr__(self, key: str) -> Any:
         if key in self:
@@ -72,7 +91,8 @@ class _PipelineSlot(nn.Module):
         if "cache" not in kwargs and self._cache_position < len(args):
             cache = args[self._cache_position]
         if self._recv_from is not None:
-            x = mx.distributed.recv_like(x, self._recv_from, group=self._group)
+            dtype = self.recv_dtype or x.dtype
+            x = mx.distributed.recv(x.shape, dtype, self._recv_from, group=self._group)
         layer = self.get("layer")
         if layer is not None:
             h = layer(x, *args, **kwargs)
@@ -86,8 +106,30 @@ class _PipelineSlot(nn.Module):
             if cache is not None:
                 cache.keys = mx.depends(cache.keys, h)
         if self._gather:
+            if self.gather_dtype is not None:
+                h = h.astype(self.gather_dtype)  # only rank 0's rows are kept
             h = mx.distributed.all_gather(h, group=self._group)[: h.shape[0]]
         return h
+
+
+class _CastOutput(nn.Module):
+    """A module whose output is cast to `dtype`; everything else reaches the wrapped one."""
+
+    def __init__(self, inner: nn.Module, dtype: mx.Dtype):
+        super().__init__()
+        self.inner = inner
+        self._dtype = dtype
+
+    def __getattr__(self, key: str) -> Any:
+        if key in self:
+            return self[key]
+        inner = self.get("inner")
+        if inner is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
+        return getattr(inner, key)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self.inner(*args, **kwargs).astype(self._dtype)
 
 
 def generic_pipeline_problem(model: nn.Module) -> str | None:
@@ -152,3 +194,130 @@ def _cache_position(layer: nn.Module) -> int | None:
         return None
     # parameters are (self, x, ...): the position counts from the argument after x.
     return params.index("cache") - 2
+
+
+# -- agreeing on what travels between ranks
+
+
+def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtype]:
+    """Tell every rank the dtype of the hidden state its sender sends; call after wiring.
+
+    Works for the generic wrapper and for mlx-lm's own `pipeline()`. Ranks take turns from
+    the one holding layer 0 (rank size - 1) down to rank 0: each traces its forward pass with
+    the dtype it will receive and shares the dtype its layers put out.
+
+    Returns:
+        The output dtype of each rank's layers, in rank order.
+
+    Raises:
+        ModelLoadError: the trace fails, the hidden state changes shape between ranks, or
+            mlx-lm's `pipeline()` would gather different dtypes from different ranks.
+        DistributedSetupError: a peer went away or the ranks fell out of step.
+    """
+    rank, size = group.rank(), group.size()
+    traces: list[dict[str, Any]] = [{}] * size
+    for turn in range(size - 1, -1, -1):
+        mine = None
+        if rank == turn:
+            incoming = _dtype(traces[rank + 1]["dtype"]) if rank + 1 < size else None
+            mine = _trace(model, incoming)
+        shared = distributed.all_gather_json(group, mine, what="agreeing on the pipeline's dtypes")
+        traces[turn] = shared[turn]
+    _check_shapes(traces)
+    dtypes = [_dtype(t["dtype"]) for t in traces]
+    incoming = dtypes[rank + 1] if rank + 1 < size else None
+    if hasattr(model.model, "pipeline"):
+        _wire_own_pipeline(model, dtypes, incoming)
+    else:
+        for layer in model.model.layers:
+            if isinstance(layer, _PipelineSlot):
+                layer.recv_dtype = incoming
+                layer.gather_dtype = dtypes[0]
+    return dtypes
+
+
+def _check_shapes(traces: list[dict[str, Any]]) -> None:
+    """Every receiver's buffer must have the shape its sender sends (same on every rank)."""
+    for rank in range(len(traces) - 1):
+        sent, expected = traces[rank + 1]["shape"], traces[rank]["recv_shape"]
+        if expected is not None and sent != expected:
+            raise ModelLoadError(
+                f"the hidden state changes shape between layers (rank {rank + 1} sends "
+                f"{tuple(sent)}, rank {rank} expects {tuple(expected)}); this model cannot "
+                "be split into a pipeline"
+            )
+
+
+def _wire_own_pipeline(model: nn.Module, dtypes: list[mx.Dtype], incoming: mx.Dtype | None):
+    """mlx-lm's forward gathers each rank's own output and receives into the embedding's dtype."""
+    if len(set(dtypes)) > 1:
+        names = ", ".join(f"rank {r}: {_name(d)}" for r, d in enumerate(dtypes))
+        raise ModelLoadError(
+            f"mlx-lm's pipeline() for {model.model_type} would gather hidden states of "
+            f"different dtypes ({names}); use --strategy tensor or a checkpoint in one dtype"
+        )
+    if incoming is not None:
+        model.model.embed_tokens = _CastOutput(model.model.embed_tokens, incoming)
+
+
+def _trace(model: nn.Module, incoming: mx.Dtype | None) -> dict[str, Any]:
+    """What this rank's layers put out, from a lazy forward pass that nothing evaluates."""
+    with _recording_collectives(incoming) as seen:
+        try:
+            model(mx.array([[0]], dtype=mx.int32), cache=make_prompt_cache(model))
+        except Exception as e:  # any failure of a model's own code: name it, never crash
+            raise ModelLoadError(
+                f"cannot trace {getattr(model, 'model_type', type(model).__name__)}'s forward "
+                f"pass to agree on the pipeline's dtypes: {type(e).__name__}: {e}"
+            ) from e
+    out = seen.get("sent", seen.get("gathered"))
+    if out is None:
+        raise ModelLoadError("the pipeline's forward pass neither sends nor gathers")
+    received = seen.get("received")
+    return {
+        "dtype": _name(out.dtype),
+        "shape": list(out.shape),
+        "recv_shape": list(received) if received is not None else None,
+    }
+
+
+@contextlib.contextmanager
+def _recording_collectives(incoming: mx.Dtype | None) -> Iterator[dict[str, Any]]:
+    """Replace the point-to-point and gather ops with recorders for one lazy trace."""
+    seen: dict[str, Any] = {}
+    names = ("recv", "recv_like", "send", "all_gather")
+    saved = {name: getattr(mx.distributed, name) for name in names}
+
+    def template(x: mx.array) -> mx.array:
+        seen["received"] = x.shape
+        return mx.zeros(x.shape, dtype=incoming or x.dtype)
+
+    def recv(shape, dtype, src, **kwargs):  # noqa: ARG001 - mirrors mx.distributed.recv
+        return template(mx.zeros(shape, dtype=dtype))
+
+    def recv_like(x, src, **kwargs):  # noqa: ARG001
+        return template(x)
+
+    def send(x, dst, **kwargs):  # noqa: ARG001
+        seen["sent"] = x
+        return x
+
+    def all_gather(x, **kwargs):  # noqa: ARG001
+        seen.setdefault("gathered", x)
+        return x
+
+    for name, fake in zip(names, (recv, recv_like, send, all_gather), strict=True):
+        setattr(mx.distributed, name, fake)
+    try:
+        yield seen
+    finally:
+        for name, real in saved.items():
+            setattr(mx.distributed, name, real)
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def _dtype(name: str | None) -> mx.Dtype | None:
+    return getattr(mx, name) if name else None

@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from .distributed import FULL_MESH_BACKENDS
 from .errors import ModelLoadError, UsageError
-from .pipeline import apply_pipeline, generic_pipeline_problem
+from .pipeline import agree_on_wire, apply_pipeline, generic_pipeline_problem
 from .sharding import layer_range, resolve_split
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -
                 )
         else:
             apply_pipeline(model, group, *plan.layers)
+        agree_on_wire(model, group)
 
 
 def _tensor_problem(model: nn.Module, model_config: dict[str, Any], world_size: int) -> str | None:

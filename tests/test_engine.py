@@ -64,6 +64,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made = {arch: make_tiny_model(root / arch, arch=arch, **shape) for arch in ("llama", "qwen2")}
     for arch in ("mistral", "qwen3", "gemma", "gemma3_text", "phi3"):
         made[arch] = make_tiny_model(root / arch, arch=arch)
+    # Mixed precision as in real checkpoints: 16-bit weights, float32 norms.
+    made["llama-f16"] = make_tiny_model(root / "llama-f16", arch="llama", dtype="float16")
+    made["qwen2-bf16"] = make_tiny_model(root / "qwen2-bf16", arch="qwen2", dtype="bfloat16")
     # Weights dominate memory: 8 float32 layers of 4 MiB, a 0.5 MiB embedding.
     made["big"] = make_tiny_model(
         root / "big",
@@ -404,6 +407,25 @@ def test_distributed_greedy_tokens_equal_single_process(
         assert report["split"] == counts
         assert [r["layers"][1] - r["layers"][0] for r in report["ranks"]] == counts
     assert report["generation_tokens"] == MAX_TOKENS and report["ttft_seconds"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "ranks", "split"),
+    [("llama-f16", 2, "5,3"), ("llama-f16", 3, "2,4,2"), ("qwen2-bf16", 3, "3,3,2")],
+)
+def test_mixed_precision_pipeline_equals_single_process(models, tmp_path, model, ranks, split):
+    """A float32 norm makes a layer's output float32 while its input was 16-bit: each receiving
+    rank must expect what its sender sends, in the generic wrapper and mlx-lm's pipeline()."""
+    out = tmp_path / "out.jsonl"
+    job = mlxnode_run(
+        ranks,
+        "--model-path", models[model], "--strategy", "pipeline", "--split", split,
+        "--no-chat-template", "--max-tokens", MAX_TOKENS, "--output", out, PROMPT,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert job.returncode == 0 and not job.rank_codes, job.stderr
+    assert job.records(out)[0]["token_ids"] == reference(models[model], PROMPT)
 
 
 @pytest.mark.slow

@@ -122,6 +122,19 @@ def test_same_arguments_give_identical_bytes(tmp_path):
     assert len(_digests(first)) == 4 + 1 + 4  # shards, index, config and tokenizer files
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_models_keep_float32_norms_like_real_checkpoints(tmp_path, dtype):
+    path = make_tiny_model(tmp_path / "m", arch="qwen3", num_shards=1, dtype=dtype)
+    weights = mx.load(str(path / "model.safetensors"))
+    norms = {n for n in weights if n.endswith("norm.weight")}
+    assert {"model.norm.weight", "model.layers.0.self_attn.q_norm.weight"} <= norms
+    assert {str(weights[n].dtype) for n in norms} == {"mlx.core.float32"}
+    assert {str(w.dtype) for n, w in weights.items() if n not in norms} == {f"mlx.core.{dtype}"}
+    assert json.loads((path / "config.json").read_text())["torch_dtype"] == dtype
+    model, tokenizer = mlx_lm.load(str(path))
+    assert len(list(stream_generate(model, tokenizer, "The morning", max_tokens=4))) == 4
+
+
 def test_seed_changes_weights_but_not_tokenizer(tmp_path):
     a = _digests(make_tiny_model(tmp_path / "a", seed=0, **SMALL))
     b = _digests(make_tiny_model(tmp_path / "b", seed=1, **SMALL))

@@ -36,6 +36,11 @@ DEFAULT_VOCAB_SIZE = 512
 DEFAULT_NUM_SHARDS = 4
 DEFAULT_SEED = 0
 DEFAULT_MAX_POSITION_EMBEDDINGS = 512
+# Storage dtypes. In 16-bit checkpoints the norm scales stay float32, as in many real ones
+# (llama.cpp stores every 1-D tensor as F32; MoE routers and SSM parameters are often kept in
+# float32 too): a layer's output is then float32 while its input was 16-bit.
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_DTYPE = "float32"
 # intermediate_size defaults to this multiple of hidden_size.
 DEFAULT_MLP_RATIO = 4
 
@@ -182,6 +187,7 @@ def make_tiny_model(
     seed: int = DEFAULT_SEED,
     tie_embeddings: bool | None = None,
     max_position_embeddings: int = DEFAULT_MAX_POSITION_EMBEDDINGS,
+    dtype: str = DEFAULT_DTYPE,
     overwrite: bool = False,
 ) -> Path:
     """Write a small, deterministic, randomly initialised model that `mlx_lm.load` accepts.
@@ -209,6 +215,8 @@ def make_tiny_model(
         tie_embeddings: Reuse the embedding matrix as the output projection (no `lm_head`).
             Defaults to the architecture's habit: tied for gemma models, untied otherwise.
         max_position_embeddings: Longest context the config advertises.
+        dtype: One of `DTYPES`. In 16-bit models the norm weights stay float32 (mixed
+            precision, as in many real checkpoints).
         overwrite: Replace an existing non-empty `out_dir`.
 
     Returns:
@@ -222,6 +230,8 @@ def make_tiny_model(
     spec = _ARCHS.get(arch)
     if spec is None:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if tie_embeddings is None:
         tie_embeddings = spec.tie_by_default
     if spec.must_tie and not tie_embeddings:
@@ -260,6 +270,7 @@ def make_tiny_model(
             vocab_size=vocab_size,
             tie_embeddings=tie_embeddings,
             max_position_embeddings=max_position_embeddings,
+            dtype=dtype,
         )
         for name, text in {**tokenizer.files, "config.json": _dump_json(config)}.items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -282,6 +293,7 @@ def make_tiny_model(
             num_shards=num_shards,
             seed=seed,
             silenced_ids=tokenizer.silenced_ids,
+            dtype=dtype,
         )
         _move_into_place(tmp, out, overwrite=overwrite)
     except BaseException:
@@ -417,6 +429,7 @@ def _config(
     vocab_size: int,
     tie_embeddings: bool,
     max_position_embeddings: int,
+    dtype: str,
 ) -> dict[str, object]:
     config: dict[str, object] = {
         "architectures": [spec.hf_class],
@@ -436,7 +449,7 @@ def _config(
         "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
         "bos_token_id": SPECIAL_TOKENS.index(BOS_TOKEN),
         "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "use_cache": True,
         "initializer_range": 0.02,
     }
@@ -588,6 +601,7 @@ def _write_weights(
     num_shards: int,
     seed: int,
     silenced_ids: Sequence[int],
+    dtype: str,
 ) -> None:
     if num_shards == 1:
         filenames = [SINGLE_FILE]
@@ -604,14 +618,16 @@ def _write_weights(
     total_size = 0
     for filename, group in zip(filenames, groups, strict=True):
         arrays = {
-            name: mx.array(
+            name: _stored(
+                name,
                 _tensor(
                     name,
                     shape,
                     spec,
                     seed=seed,
                     silenced_ids=silenced_ids if name == output_name else (),
-                )
+                ),
+                dtype,
             )
             for name, shape in group.items()
         }
@@ -622,6 +638,14 @@ def _write_weights(
     if num_shards > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(_dump_json(index), encoding="utf-8")
+
+
+def _stored(name: str, values: np.ndarray, dtype: str) -> mx.array:
+    """A tensor in its storage dtype: norm scales stay float32, the rest takes `dtype`."""
+    array = mx.array(values)
+    if name.endswith("norm.weight"):
+        return array
+    return array.astype(getattr(mx, dtype))
 
 
 def _move_into_place(tmp: Path, out: Path, *, overwrite: bool) -> None:
@@ -727,6 +751,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help=f"Context length in config.json (default: {DEFAULT_MAX_POSITION_EMBEDDINGS}).",
     )
     parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=DEFAULT_DTYPE,
+        help=f"Storage dtype; 16-bit models keep float32 norms (default: {DEFAULT_DTYPE}).",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace OUT_DIR if it already holds files.",
@@ -751,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             tie_embeddings=args.tie_embeddings,
             max_position_embeddings=args.max_position_embeddings,
+            dtype=args.dtype,
             overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError) as e:

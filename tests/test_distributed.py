@@ -1,0 +1,66 @@
+"""The control-plane collectives with real ranks: ranks that fall out of step are named.
+
+Two ranks under real `mlx.launch --backend ring` call different collectives on purpose;
+each must stop with a DistributedSetupError ("ranks out of step while …"), never read the
+other collective's bytes as its own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_engine import MLX_LAUNCH, _free_ports
+
+# Rank 0 gathers metrics while rank 1 shares prompts: the same kind of collective at a
+# different step, and a different kind of collective of another length.
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from mlxnode import distributed
+    from mlxnode.errors import DistributedSetupError
+
+    group = distributed.join_group("ring")
+    try:
+        if group.rank() == 0:
+            distributed.all_gather_json(group, {"peak": 1}, what="gathering metrics")
+        else:
+            distributed.broadcast_json(group, None, what="sharing the prompts")
+    except DistributedSetupError as e:
+        print(f"rank {group.rank()}: {e}", flush=True)
+        sys.exit(e.exit_code)
+    print(f"rank {group.rank()}: no error", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ranks_out_of_step_stop_with_a_distributed_setup_error(tmp_path: Path):
+    script = tmp_path / "out_of_step.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run(
+        [
+            str(MLX_LAUNCH),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--starting-port",
+            str(_free_ports(2)),
+            sys.executable,
+            str(script),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[1],
+    )
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert lines[0].startswith("rank 0: ranks out of step while gathering metrics: rank 1 is")
+    assert lines[1].startswith("rank 1: ranks out of step while sharing the prompts: rank 0 is")
+    assert "exited with code 6" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
