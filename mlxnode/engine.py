@@ -87,14 +87,16 @@ class EncodedPrompt:
 class Completion:
     """One prompt's result.
 
-    `token_ids` are the completion's tokens without the end-of-sequence token;
-    `generation_tokens` counts every token the model produced, including that one.
+    `token_ids` are the completion's tokens without the end-of-sequence token, and
+    `logprobs` their log-probabilities; `generation_tokens` counts every token the model
+    produced, including that one.
     """
 
     id: str | int
     prompt: str
     completion: str
     token_ids: list[int]
+    logprobs: list[float]
     prompt_tokens: int
     generation_tokens: int
     finish_reason: str
@@ -111,6 +113,7 @@ class Completion:
             "generation_tokens": self.generation_tokens,
             "finish_reason": self.finish_reason,
             "token_ids": self.token_ids,
+            "logprobs": self.logprobs,
             "timings": {"ttft_s": self.ttft_seconds, "total_s": self.seconds},
         }
 
@@ -358,6 +361,7 @@ class Engine:
         ttft = 0.0
         pieces: list[str] = []
         tokens: list[int] = []
+        logprobs: list[float] = []
         last = None
         for response in stream_generate(
             self.model,
@@ -373,6 +377,7 @@ class Engine:
             last = response
             if response.finish_reason != "stop":
                 tokens.append(response.token)
+                logprobs.append(response.logprobs[response.token].item())
             pieces.append(response.text)
             if on_text is not None and response.text:
                 on_text(response.text)
@@ -383,6 +388,7 @@ class Engine:
             prompt=item.prompt.text,
             completion="".join(pieces),
             token_ids=tokens,
+            logprobs=logprobs,
             prompt_tokens=len(item.ids),
             generation_tokens=last.generation_tokens,
             finish_reason=last.finish_reason or "length",
@@ -416,6 +422,7 @@ class Engine:
             )
             by_uid = dict(zip(uids, batch, strict=True))
             tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+            logprobs: dict[int, list[float]] = {uid: [] for uid in uids}
             counts = dict.fromkeys(uids, 0)
             first: dict[int, float] = {}
             done: dict[int, tuple[str, float]] = {}
@@ -431,6 +438,7 @@ class Engine:
                         first.setdefault(r.uid, now)
                         if r.finish_reason != "stop":
                             tokens[r.uid].append(r.token)
+                            logprobs[r.uid].append(r.logprobs[r.token].item())
                         if r.finish_reason is not None:
                             done[r.uid] = (r.finish_reason, now)
         finally:
@@ -442,6 +450,7 @@ class Engine:
                 prompt=by_uid[uid].prompt.text,
                 completion=self.tokenizer.decode(tokens[uid]),
                 token_ids=tokens[uid],
+                logprobs=logprobs[uid],
                 prompt_tokens=len(by_uid[uid].ids),
                 generation_tokens=counts[uid],
                 finish_reason=done.get(uid, ("length", seconds))[0],
