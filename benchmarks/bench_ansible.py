@@ -56,7 +56,9 @@ def playbook(inventory: Path, name: str, work: Path, *extra: str) -> tuple[float
     argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory)]
     argv += [str(ROOT / "playbooks" / name), *extra]
     started = time.monotonic()
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     seconds = time.monotonic() - started
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from . import __version__
 from .commands import cache, config, launch, run
 from .errors import MlxnodeError
-from .logs import env_rank
+from .logs import env_rank, redact
 
 logger = logging.getLogger("mlxnode")
 
@@ -42,25 +43,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MlxnodeError as e:
-        if _debug(args):
-            traceback.print_exc()
-        print(f"mlxnode: error: {_one_line(e)}", file=sys.stderr)
+        _traceback(args)
+        _say(f"mlxnode: error: {_one_line(e)}")
         return e.exit_code
-    except KeyboardInterrupt:
-        print("mlxnode: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if signum == signal.SIGINT:
+            _say("mlxnode: interrupted")
+        else:
+            _say(f"mlxnode: stopped by {signal.Signals(signum).name}")
+        return 128 + signum
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `| head`); nothing more to say.
         return 0
     except Exception as e:  # noqa: BLE001 - the boundary: any bug becomes one line + exit 1
-        if _debug(args):
-            traceback.print_exc()
-        print(
+        _traceback(args)
+        _say(
             f"mlxnode: internal error: {type(e).__name__}: {e} "
-            "(rerun with --log-level DEBUG for the traceback)",
-            file=sys.stderr,
+            "(rerun with --log-level DEBUG for the traceback)"
         )
         return 1
+
+
+def _say(line: str) -> None:
+    """One line on stderr, with secrets redacted as in the logs (messages may quote input)."""
+    print(redact(line), file=sys.stderr)
+
+
+def _traceback(args: argparse.Namespace) -> None:
+    if _debug(args):
+        sys.stderr.write(redact(traceback.format_exc()))
 
 
 def _one_line(error: MlxnodeError) -> str:

@@ -290,9 +290,9 @@ class Engine:
                 mx.get_peak_memory() / 2**20,
                 "; waiting for the other ranks" if self.world_size > 1 else "",
             )
-            # Downloads can take any time, so only a local load is bounded.
-            timeout = None if self._from_cache else self.load_timeout
-            with self._guard_wait("waiting for every rank to finish loading", timeout):
+            # Bounded also when the weights came through the cache: a link cut while a peer
+            # loads must not hang until the launcher's --timeout (prewarm big models first).
+            with self._guard_wait("waiting for every rank to finish loading", self.load_timeout):
                 distributed.barrier(self.group)
         self.model, self.plan = model, plan
         self.load_seconds = local_seconds

@@ -130,6 +130,39 @@ class InferenceError(MlxnodeError, RuntimeError):
     exit_code = 7
 
 
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP); handled like Ctrl-C.
+
+    Attributes:
+        signum: The signal; the CLI exits with 128 + signum.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Errors the user caused (input, cache, download, model): a rank that raises one is the
+# cause of a failed run, not a casualty of it, and its exit code is passed through.
+USER_ERRORS: tuple[type[MlxnodeError], ...] = (
+    ConfigError,
+    UsageError,
+    CacheError,
+    ModelDownloadError,
+    ModelLoadError,
+    InferenceError,
+)
+USER_ERROR_CODES: frozenset[int] = frozenset(e.exit_code for e in USER_ERRORS)
+
+
+def error_class(name: str | None) -> type[MlxnodeError]:
+    """The error class called `name` (as a rank's status record names it); else MlxnodeError."""
+    found = globals().get(name or "")
+    if isinstance(found, type) and issubclass(found, MlxnodeError):
+        return found
+    return MlxnodeError
+
+
 # The README's exit-code table is generated from this list, so keep it in sync here.
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
@@ -141,5 +174,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (6, "ranks could not connect, or a rank died or timed out (DistributedSetupError)"),
     (7, "inference failed on the given input (InferenceError)"),
     (8, "cluster busy: another run holds the launcher's lock (ClusterBusyError)"),
+    (129, "stopped by SIGHUP; every rank on every host was stopped first"),
     (130, "interrupted (Ctrl-C)"),
+    (143, "stopped by SIGTERM; every rank on every host was stopped first"),
 ]

@@ -1,10 +1,12 @@
 """Start a distributed run with `mlx.launch` safely: one run at a time, checked, attributed.
 
-`mlx.launch` exits 0 even when a rank fails, and its ring backend waits for an
-unreachable host for minutes. This wrapper, run on the launcher host, adds: a
-cluster lock, a pre-flight of every host, a wall-clock timeout, an exit code
-and one line that say which rank on which host failed and why, and cleanup of
-leftover ranks on every host.
+`mlx.launch` exits 0 even when a rank fails (or never started), and its ring backend
+waits for an unreachable host for minutes. This wrapper, run on the launcher host
+(rank 0's), adds: a cluster lock, a pre-flight of every host, a wall-clock timeout,
+prompts passed as a private file instead of in anyone's command line, a verdict
+from every rank's status record (`mlxnode.outcome`), an exit code and one line that
+say which rank on which host failed and why, and cleanup of leftover ranks on every
+host, also when the launcher itself is stopped (Ctrl-C, SIGTERM, SIGHUP).
 """
 
 from __future__ import annotations
@@ -26,19 +28,32 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import preflight
-from .errors import ClusterBusyError, DistributedSetupError, MlxnodeError, UsageError
+from . import outcome, preflight
+from .errors import (
+    USER_ERROR_CODES,
+    ClusterBusyError,
+    DistributedSetupError,
+    MlxnodeError,
+    UsageError,
+)
 from .logs import DATE_FORMAT, LOG_FORMAT, RankFilter
 from .metrics import write_atomic
+from .prompts import Prompt, prompts_to_jsonl
 
 logger = logging.getLogger(__name__)
 
+# The one cluster lock of this user on this launcher: `mlxnode launch` and run.yml both use it.
 DEFAULT_LOCK_FILE = "~/.mlxnode/cluster.lock"
+# Without --log-dir, a run's records and prompts go to <this>/<run-id>/ (run.yml's default too).
+DEFAULT_RUNS_DIR = "~/.mlxnode/runs"
+# The prompts given as words, written for rank 0 (mode 0600): never in a command line.
+PROMPTS_FILE = "prompts.launch.jsonl"
 DEFAULT_TIMEOUT = 3600.0
 # Once a rank has failed, mlx.launch stops the others itself; give it this long before
 # stopping it (it waits minutes on an ssh to a host that dropped off the network).
@@ -48,12 +63,10 @@ MLX_LAUNCH_NICE = 10
 # mlx.launch reports each rank's end on stderr with these lines.
 _RANK_EXIT = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
 _RANK_KILLED = re.compile(r"Node with rank (\d+) was killed")
-# What every rank's CLI (and watchdog) prints last on a failure.
-_ERROR_LINE = re.compile(r"mlxnode: (?:error|internal error): (.+)")
-# A rank's line names it ("rank 1 on h2: ..."), and its exit code when the CLI printed it.
-_ERROR_RANK = re.compile(r"^rank (\d+) on \S+?(?: \(exit (-?\d+)\))?:? ")
-# Exit codes a rank uses for errors the user caused; passed through unchanged.
-_USER_ERROR_CODES = {2, 3, 4, 5, 7}
+# A rank's message may start by naming it ("rank 1 on h2 (exit 3): ..."); the verdict does.
+_RANK_PREFIX = re.compile(r"^rank \d+ on \S+?(?: \(exit -?\d+\))?:? ")
+# Kill this run's ranks that belong to the SSH user only (as root, never another user's).
+_CLEANUP = 'exec pkill -KILL -u "$(id -u)" -f "$1"'
 # ssh's own exit code: the session ended without the rank's exit status (the process was
 # killed, or the connection dropped).
 _SSH_LOST = 255
@@ -143,9 +156,9 @@ def cluster_lock(path: str | Path, run_id: str) -> Iterator[Path]:
         try:
             yield path
         finally:
+            # Emptied, never unlinked: a run already waiting on this file would otherwise
+            # hold a lock on a name-less file while the next run locks a new one.
             os.ftruncate(fd, 0)
-            with contextlib.suppress(OSError):
-                path.unlink()
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -187,6 +200,7 @@ def launch(
     run_args: Sequence[str],
     *,
     run_id: str,
+    prompts: Sequence[Prompt] | None = None,
     backend: str = "ring",
     python: str | None = None,
     starting_port: int = preflight.DEFAULT_STARTING_PORT,
@@ -197,22 +211,26 @@ def launch(
     report: LaunchReport | None = None,
     log_dir: str | Path | None = None,
 ) -> LaunchResult:
-    """Run `mlxnode run --run-id RUN_ID <run_args>` on every host of `hostfile`.
+    """Run `mlxnode run --run-id RUN_ID --status-dir DIR <run_args>` on every host of `hostfile`.
 
     Args:
-        hostfile: An `mlx.launch` hostfile; rank order is file order.
-        run_args: Arguments of `mlxnode run` (flags, then the prompt).
+        hostfile: An `mlx.launch` hostfile; rank order is file order, rank 0 is this host.
+        run_args: Arguments of `mlxnode run` (flags; prompts only as --prompts-file).
         run_id: Identifies this run in the lock and in the ranks' command lines.
+        prompts: Prompts for rank 0, written to a 0600 file in the run directory and
+            passed as --prompts-file, so they appear in no command line.
         python: The interpreter on every host (same path everywhere); default: this one.
         check: Pre-flight every host first.
         connect_timeout: Seconds for each SSH connection of the pre-flight and cleanup.
         report: Filled in with what happened (pre-flight, failed ranks, lost hosts).
-        log_dir: Also write the output, as it comes, to STDOUT_LOG and STDERR_LOG there.
+        log_dir: The run directory (same absolute path on every host): STDOUT_LOG and
+            STDERR_LOG, the ranks' status records; default DEFAULT_RUNS_DIR/RUN_ID.
 
     Raises:
         ClusterBusyError: another run holds the lock.
         PreflightError: a host is unreachable, busy or runs other versions.
-        DistributedSetupError: a rank died or lost its peers, or the timeout passed.
+        DistributedSetupError: a rank died, lost its peers or never reported completing,
+            or the timeout passed.
         MlxnodeError: a rank refused its input, cache or model (its exit code, 2-7).
     """
     check_run_id(run_id)
@@ -221,9 +239,15 @@ def launch(
     hosts = preflight.load_hostfile(hostfile)
     report.hosts = [h.name for h in hosts]
     report.started = datetime.now(UTC).isoformat(timespec="seconds")
+    run_dir = Path(log_dir or Path(DEFAULT_RUNS_DIR) / run_id).expanduser().absolute()
     with contextlib.ExitStack() as stack:
-        tee = _open_logs(log_dir, stack) if log_dir is not None else None
+        tee = _open_logs(run_dir, stack) if log_dir is not None else None
         stack.enter_context(cluster_lock(lock_file, run_id))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        outcome.clear(run_dir, len(hosts))
+        if prompts is not None:
+            path = write_atomic(run_dir / PROMPTS_FILE, prompts_to_jsonl(prompts), mode=0o600)
+            run_args = [*run_args, "--prompts-file", str(path)]
         if check:
             started = time.monotonic()
             reports = preflight.check_hosts(
@@ -241,7 +265,8 @@ def launch(
             "--backend", backend,
             "--starting-port", str(starting_port),
             "--env", f"MLXNODE_RUN_ID={run_id}",
-            python, "-m", "mlxnode", "run", "--run-id", run_id, *run_args,
+            python, "-m", "mlxnode", "run", "--run-id", run_id,
+            "--status-dir", str(run_dir), *run_args,
         ]  # fmt: skip
         if nice := shutil.which("nice"):
             argv = [nice, "-n", str(MLX_LAUNCH_NICE), *argv]
@@ -250,9 +275,14 @@ def launch(
             result = _supervise(argv, timeout=timeout, tee=tee)
         finally:
             report.unreachable = _cleanup(hosts, run_id, timeout=connect_timeout)
-        report.failed_ranks = _exit_codes(result)
+        completion = _read_record(hosts[0], run_dir / outcome.COMPLETION_FILE, connect_timeout)
+        verdict = outcome.parse_completion(completion) if completion else None
+        records: dict[int, outcome.RankStatus] = {}
+        if not _succeeded(result, verdict, run_id, len(hosts)):
+            records = _read_statuses(hosts, run_dir, report.unreachable, connect_timeout)
+        report.failed_ranks = _exit_codes(result, records)
         report.timed_out = result.timed_out
-    return _judge(result, hosts, run_id, report.unreachable)
+    return _judge(result, hosts, run_id, report.unreachable, verdict, records)
 
 
 def _open_logs(log_dir: str | Path, stack: contextlib.ExitStack) -> tuple[BinaryIO, BinaryIO]:
@@ -292,7 +322,6 @@ class _Supervised:
     timed_out: bool
     seconds: float
     timeout: float
-    errors: list[str] = field(default_factory=list)  # the ranks' "mlxnode: error:" lines
     last_stderr: str = ""
 
 
@@ -320,14 +349,17 @@ def _supervise(
     os.close(stdin_read)
 
     def on_line(line: str, from_stderr: bool) -> None:
+        # Only mlx.launch's own reports, on its stderr: rank 0's answer streams on stdout
+        # (and remote ranks' stderr arrives there too, through ssh -tt), so nothing the
+        # model writes can pose as a rank's end. Why a rank failed comes from its record.
+        if not from_stderr:
+            return
         with lock:
-            if from_stderr and (m := _RANK_EXIT.search(line)):
+            if m := _RANK_EXIT.search(line):
                 state.failed[int(m.group(1))] = int(m.group(2))
-            elif from_stderr and (m := _RANK_KILLED.search(line)):
+            elif m := _RANK_KILLED.search(line):
                 state.failed.setdefault(int(m.group(1)), _STOPPED)
-            elif m := _ERROR_LINE.search(line):
-                state.errors.append(m.group(1).strip())
-            if from_stderr and line.strip():
+            if line.strip():
                 state.last_stderr = line.strip()
             if state.failed and not first_failure:
                 first_failure.append(time.monotonic())
@@ -432,25 +464,71 @@ def _cleanup(hosts: Sequence[preflight.HostSpec], run_id: str, *, timeout: float
     """Kill any rank of this run still alive on any host; return the hosts SSH cannot reach."""
     # The run id is on every rank's command line, right after `run` (`launch` puts it there).
     unreachable = preflight.run_everywhere(
-        hosts, ["pkill", "-KILL", "-f", rank_pattern(run_id)], timeout=timeout
+        hosts, ["sh", "-c", _CLEANUP, "sh", rank_pattern(run_id)], timeout=timeout
     )
     for name, why in unreachable.items():
         logger.warning("cannot reach %s to stop what is left of run %s: %s", name, run_id, why)
     return unreachable
 
 
-def _exit_codes(result: _Supervised) -> dict[int, int]:
-    """Each failed rank's exit code: mlx.launch's report, overridden by the rank's own line."""
+def _read_record(host: preflight.HostSpec, path: Path, timeout: float) -> str | None:
+    """A record a rank wrote on `host`: read here when this is its host, else over SSH."""
+    with contextlib.suppress(OSError):
+        return path.read_text(encoding="utf-8")
+    if host.is_local:
+        return None
+    try:
+        return preflight.run_on_host(host, ["cat", str(path)], timeout=timeout)
+    except preflight.HostCommandError as e:
+        logger.debug("no %s on %s: %s", path.name, host.name, e)
+        return None
+
+
+def _read_statuses(
+    hosts: Sequence[preflight.HostSpec],
+    run_dir: Path,
+    unreachable: dict[str, str],
+    timeout: float,
+) -> dict[int, outcome.RankStatus]:
+    """Every reachable rank's status record (rank -> record), read in parallel."""
+
+    def one(host: preflight.HostSpec) -> outcome.RankStatus | None:
+        if host.name in unreachable:
+            return None
+        text = _read_record(host, run_dir / outcome.status_file(host.rank), timeout)
+        status = outcome.parse_status(text) if text else None
+        return status if status is not None and status.rank == host.rank else None
+
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        found = pool.map(one, hosts)
+    return {s.rank: s for s in found if s is not None}
+
+
+def _succeeded(
+    result: _Supervised, verdict: outcome.Completion | None, run_id: str, world_size: int
+) -> bool:
+    """Positive proof only: rank 0's record lists every rank, and nothing says otherwise."""
+    return (
+        verdict is not None
+        and not verdict.missing(run_id, world_size)
+        and not result.failed
+        and not result.timed_out
+        and result.returncode == 0
+    )
+
+
+def _exit_codes(result: _Supervised, records: dict[int, outcome.RankStatus]) -> dict[int, int]:
+    """Each failed rank's exit code: mlx.launch's report, overridden by the rank's own record."""
     codes = dict(result.failed)
-    for line in result.errors:
-        if (m := _ERROR_RANK.match(line)) and m.group(2) is not None:
-            codes[int(m.group(1))] = int(m.group(2))
+    for rank, status in records.items():
+        if status.exit_code != 0:
+            codes[rank] = status.exit_code
     return codes
 
 
 def _priority(code: int) -> int:
     """How likely a rank's exit is the cause, not a consequence, of a failed run."""
-    if code in _USER_ERROR_CODES:
+    if code in USER_ERROR_CODES:
         return 0  # refused its input, cache or model: the others only lost it
     if code == _SSH_LOST or (code < 0 and code != _STOPPED):
         return 1  # died without an exit status
@@ -473,18 +551,19 @@ def _how(code: int, host: str, unreachable: dict[str, str]) -> str:
     return f"exited with code {code}"
 
 
-def _rank_error(errors: Sequence[str], rank: int, code: int) -> str | None:
-    """The rank's own one-line error, if it printed one (without its "rank R on H:" prefix)."""
-    for line in errors:
-        m = _ERROR_RANK.match(line)
-        if m and int(m.group(1)) == rank:
-            text = line[m.end() :].strip()
-            # Peer-loss and watchdog lines end in advice; keep what happened.
-            return text if code in _USER_ERROR_CODES else text.split("; ")[0]
-    if code in _USER_ERROR_CODES:
-        # Cache and input errors do not name the rank; the first such line is the one.
-        return next((line for line in errors if not _ERROR_RANK.match(line)), None)
-    return None
+def _rank_error(records: dict[int, outcome.RankStatus], rank: int, code: int) -> str | None:
+    """The rank's own error message from its status record (without a "rank R on H:" prefix)."""
+    status = records.get(rank)
+    if status is None or not status.message:
+        if code not in USER_ERROR_CODES:
+            return None
+        # Another rank that refused the same input, cache or model says why.
+        status = next((s for s in records.values() if s.exit_code == code and s.message), None)
+        if status is None:
+            return None
+    text = _RANK_PREFIX.sub("", status.message).strip()
+    # Peer-loss and watchdog messages end in advice; keep what happened.
+    return text if code in USER_ERROR_CODES else text.split("; ")[0]
 
 
 def _judge(
@@ -492,6 +571,8 @@ def _judge(
     hosts: Sequence[preflight.HostSpec],
     run_id: str,
     unreachable: dict[str, str],
+    verdict: outcome.Completion | None,
+    records: dict[int, outcome.RankStatus],
 ) -> LaunchResult:
     name = {h.rank: h.name for h in hosts}
     rank_of = {h.name: h.rank for h in hosts}
@@ -499,29 +580,34 @@ def _judge(
         f"lost contact with {host} (rank {rank_of.get(host, '?')}): {why}"
         for host, why in sorted(unreachable.items())
     )
-    # A rank's own word beats mlx.launch's: it loses ranks that end while it stops the
-    # others, and reports ssh's 255 or its own SIGTERM for them.
-    failed = _exit_codes(result)
     if result.timed_out:
         raise DistributedSetupError(
             f"run {run_id} passed its timeout of {result.timeout:g}s and was stopped"
             + (f"; {lost}" if lost else "")
             + "; see the rank logs for the last step each rank reached"
         )
-    if not failed and result.returncode != 0:
+    if _succeeded(result, verdict, run_id, len(hosts)):
+        return LaunchResult(run_id, 0, {}, result.seconds)
+    # A rank's own record beats mlx.launch's report: mlx.launch loses ranks that end while
+    # it stops the others, and reports ssh's 255 or its own SIGTERM for them.
+    failed = _exit_codes(result, records)
+    if not failed:
+        missing = verdict.missing(run_id, len(hosts)) if verdict else list(name)
+        where = ", ".join(f"rank {r} on {name.get(r, '?')}" for r in missing)
         raise DistributedSetupError(
-            f"run {run_id}: mlx.launch exited with code {result.returncode}"
+            f"run {run_id}: no proof that every rank finished: {where} never reported "
+            "completing"
+            + (f" (mlx.launch exited with code {result.returncode})" if result.returncode else "")
             + (f": {result.last_stderr}" if result.last_stderr else "")
             + (f"; {lost}" if lost else "")
+            + f"; see {STDERR_LOG} and the rank logs"
         )
-    if not failed:
-        return LaunchResult(run_id, result.returncode, {}, result.seconds)
 
     root = min(failed, key=lambda r: (_priority(failed[r]), r))
     code = failed[root]
-    detail = _rank_error(result.errors, root, code)
+    detail = _rank_error(records, root, code)
     every = (
-        code in _USER_ERROR_CODES and len(failed) == len(hosts) and set(failed.values()) == {code}
+        code in USER_ERROR_CODES and len(failed) == len(hosts) and set(failed.values()) == {code}
     )
     if every:
         head, others = f"run {run_id}: every rank exited with code {code}", ""
@@ -539,7 +625,7 @@ def _judge(
         + (f": {detail}" if detail else "")
         + (f"; also stopped: {others}" if others else "")
     )
-    if code in _USER_ERROR_CODES:
+    if code in USER_ERROR_CODES:
         error = MlxnodeError(message)
         error.exit_code = code
         raise error

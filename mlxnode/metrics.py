@@ -67,7 +67,7 @@ class RunMetrics:
         return "\n".join(lines)
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
+def write_atomic(path: str | os.PathLike[str], text: str, *, mode: int = 0o644) -> Path:
     """Write `text` to `path` through a temporary file and a rename, so readers never see half."""
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -132,3 +132,12 @@ def prompts_to_json(prompts: Sequence[Prompt]) -> list[list[str | int]]:
 
 def prompts_from_json(data: Sequence[Sequence[str | int]]) -> list[Prompt]:
     return [Prompt(id=i, text=str(t)) for i, t in data]
+
+
+def prompts_to_jsonl(prompts: Sequence[Prompt]) -> str:
+    """Prompts as a JSONL prompts file that `read_prompts_file` reads back exactly.
+
+    Every character outside ASCII is escaped, so no line ending, U+2028 or byte-order
+    mark inside a prompt can split or alter a record.
+    """
+    return "".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts)

@@ -19,7 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from . import outcome
 from .errors import DistributedSetupError
+from .logs import redact
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,9 @@ def hard_exit(error: DistributedSetupError) -> None:
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     with contextlib.suppress(Exception):
-        sys.stderr.write(f"mlxnode: error: {error}\n")
+        outcome.record_exit(error)
+    with contextlib.suppress(Exception):
+        sys.stderr.write(redact(f"mlxnode: error: {error}") + "\n")
         sys.stderr.flush()
     os._exit(error.exit_code)
 

@@ -3,14 +3,98 @@
 - Every test gets its own HOME-ish cache directories, so nothing reads or writes the
   real ``~/.cache`` (or finds a real Hub token).
 - ``hub``: one local Hub-compatible server per session, publishing tiny models.
+- `require`: the one way a test skips for a missing prerequisite (root, iproute2, sshd,
+  rsync, tmpfs); with ``MLXNODE_REQUIRE_TESTBED=1`` (set by ``.ci/run``) it fails instead,
+  so CI cannot pass by silently skipping the multi-host, fault, secret and disk tests.
+- `session_testbed`: a testbed name and subnet of this test session's own, so two sessions on
+  one machine never tear down each other's testbed.
+- ``local_cluster``: a tiny model and a hostfile of two ranks on 127.0.0.1 (no root).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+REQUIRE_ENV = "MLXNODE_REQUIRE_TESTBED"
+_SSHD = "/usr/sbin/sshd"
+
+
+def _missing(needs: tuple[str, ...]) -> list[str]:
+    checks = {
+        "root": lambda: os.geteuid() == 0,
+        "iproute2": lambda: bool(shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin")),
+        "sshd": lambda: os.access(_SSHD, os.X_OK),
+        "rsync": lambda: bool(shutil.which("rsync")),
+    }
+    return [need for need in needs if not checks[need]()]
+
+
+def require(*needs: str, reason: str = "") -> None:
+    """Skip the test unless every prerequisite is there; fail instead under CI.
+
+    Args:
+        needs: Any of "root", "iproute2", "sshd", "rsync".
+        reason: Set instead of `needs` for a prerequisite found by trying (a tmpfs mount).
+    """
+    missing = _missing(needs)
+    if reason:
+        missing.append(reason)
+    if not missing:
+        return
+    why = f"missing prerequisite: {', '.join(missing)}"
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{why} ({REQUIRE_ENV}=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(why)
+
+
+def requires(*needs: str) -> pytest.MarkDecorator:
+    """`require` as a marker for a whole module: ``pytestmark = [requires("root")]``."""
+    return pytest.mark.usefixtures(*(f"_needs_{need}" for need in needs))
+
+
+@pytest.fixture
+def _needs_root() -> None:
+    require("root")
+
+
+@pytest.fixture
+def _needs_iproute2() -> None:
+    require("iproute2")
+
+
+@pytest.fixture
+def _needs_sshd() -> None:
+    require("sshd")
+
+
+@pytest.fixture
+def _needs_rsync() -> None:
+    require("rsync")
+
+
+def session_testbed(kind: str) -> tuple[str, str]:
+    """A testbed name and subnet for this session: unique per process and per `kind`.
+
+    The testbed names its bridge and links after the first four characters, so those
+    carry the kind's letter and the pid; the subnet's second octet the kind, its third
+    the pid.
+    """
+    kinds = "artd"  # ansible e2e, reliability, testbed, down
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    n, token = os.getpid() % 36**3, ""
+    for _ in range(3):
+        n, d = divmod(n, 36)
+        token = digits[d] + token
+    return f"{kind}{token}-{kind}", f"10.{214 + kinds.index(kind)}.{os.getpid() % 250}.0/24"
+
 
 # Repos the `hub` fixture publishes.
 TINY_LLAMA = "mlxnode-test/tiny-llama"  # 8 layers over 4 weight files, with an index
@@ -59,3 +143,54 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     (root / TINY_GATED / GATED_MARKER).touch()
     with HubServer(root, token=HUB_TOKEN) as server:
         yield server
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    """Two ranks on this machine: mlx.launch starts 127.0.0.1 ranks without SSH."""
+
+    model: Path
+    hostfile: Path
+    venv_bin: Path
+
+    def launch_argv(self, *args: str, run_args: tuple[str, ...] = ()) -> list[str]:
+        """`mlxnode launch` of `run_args` on ring ports of its own (others may be in use)."""
+        return [
+            str(self.venv_bin / "mlxnode"), "launch", "--hostfile", str(self.hostfile),
+            "--starting-port", str(free_ports(2)), *args,
+            "--", "--model-path", str(self.model), "--no-chat-template", *run_args,
+        ]  # fmt: skip
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive TCP ports free on 127.0.0.1 right now."""
+    import random
+    import socket
+
+    while True:
+        first = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
+    from mlxnode.testing.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("local-cluster")
+    model = make_tiny_model(
+        root / "model", arch="llama", num_layers=8, num_shards=4, max_position_embeddings=65536
+    )
+    hostfile = root / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    return LocalCluster(Path(model), hostfile, Path(sys.executable).parent)

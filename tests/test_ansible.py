@@ -94,6 +94,7 @@ def test_playbook_syntax(playbook, tmp_path):
         ],
         cwd=ROOT,
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         env=_ansible_env(tmp_path),
     )
@@ -148,6 +149,7 @@ def test_example_inventory_parses_and_orders_ranks(tmp_path):
         ],
         cwd=ROOT,
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         env=_ansible_env(tmp_path),
     )
@@ -265,6 +267,7 @@ def _render(tmp_path: Path, backend: str = "ring") -> Path:
         [_tool("ansible-playbook"), "-i", str(inventory), str(playbook)],
         cwd=ROOT,
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         env=_ansible_env(tmp_path),
     )
@@ -404,6 +407,7 @@ def test_bad_ranks_fail_the_play_with_the_message(tmp_path):
         ],
         cwd=ROOT,
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         env=_ansible_env(tmp_path),
     )

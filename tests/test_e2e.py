@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import requires, session_testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-# A name and subnet of its own, so a developer's `mlxnode` testbed is never touched.
-NAME = "mlxans"
-SUBNET = "10.213.10.0/24"
+# A name and subnet of this session's own: a developer's `mlxnode` testbed, or another
+# session's, is never touched.
+NAME, SUBNET = session_testbed("a")
 MODEL = "mlxnode-test/tiny-llama"
 SPLIT = [4, 2, 2]  # uneven on purpose: rank 0 holds layers 4-7, rank 1 2-3, rank 2 0-1
 PROMPT = "The morning train left the station"
@@ -38,16 +39,8 @@ LOG_LINE = re.compile(
     r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[Rank (\d+)/3\] (DEBUG|INFO|WARNING|ERROR) \S+: "
 )
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root"),
-    pytest.mark.skipif(
-        not (shutil.which("ip", path="/usr/sbin:/sbin") and os.access("/usr/sbin/sshd", os.X_OK)),
-        reason="the testbed needs iproute2 and openssh-server",
-    ),
-    pytest.mark.skipif(not shutil.which("rsync"), reason="the roles push files with rsync"),
-]
+# Missing root, iproute2, sshd or rsync skips these tests, or fails them under CI.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires("root", "iproute2", "sshd", "rsync")]
 
 
 @dataclass
@@ -57,6 +50,7 @@ class Cluster:
     hub_root: Path
     inventory: Path
     work: Path
+    site: Play | None = None  # the fixture's first site.yml
 
     def playbook(self, name: str, *extra: str, timeout: float = 600) -> Play:
         argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory)]
@@ -69,7 +63,13 @@ class Cluster:
         }
         started = time.monotonic()
         proc = subprocess.run(
-            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            argv,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=timeout,
         )
         return Play(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
 
@@ -139,7 +139,10 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                     "mlxnode_host_source_dir": str(source),
                 },
             )
-            yield Cluster(bed, hub, hub_root, inventory, work)
+            cluster = Cluster(bed, hub, hub_root, inventory, work)
+            # Provisioned here, not by the first test, so every test runs on its own.
+            cluster.site = cluster.playbook("site.yml", timeout=900)
+            yield cluster
     finally:
         bed.down()
 
@@ -156,7 +159,7 @@ def _needed(cluster: Cluster, rank: int) -> set[str]:
 
 
 def test_site_deploys_from_the_wheelhouse_and_prewarms_each_rank_its_files(cluster):
-    play = cluster.playbook("site.yml", timeout=900).check()
+    play = cluster.site.check()
     print(f"\nfirst site.yml: {play.seconds:.1f} s")
     recap = play.recap()
     assert set(recap) == {"h1", "h2", "h3"} and all(r["failed"] == 0 for r in recap.values())
@@ -290,6 +293,7 @@ def test_molecule_scenario(cluster, role):
         cwd=ROOT / "roles" / role,
         env=env,
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         timeout=600,
     )

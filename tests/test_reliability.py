@@ -32,12 +32,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import requires, session_testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-# A name and subnet of its own, so neither a developer's testbed nor test_e2e's is touched.
-NAME = "mlxrel"
-SUBNET = "10.213.11.0/24"
+# A name and subnet of this session's own: no other testbed (a developer's, test_e2e's,
+# another session's) is touched, and two sessions on one machine do not collide.
+NAME, SUBNET = session_testbed("r")
 HOSTS = ("h1", "h2", "h3")
 MODEL = "mlxnode-test/tiny-llama"
 SPLIT = [4, 2, 2]  # rank 0 holds layers 4-7, rank 1 layers 2-3, rank 2 layers 0-1
@@ -49,21 +50,14 @@ PROMPT = "The morning train left the station"
 LONG = 4000
 RING_PORT = 32323  # mlx.launch's default; rank r listens on RING_PORT + r
 RUNS_DIR = "/root/.mlxnode/runs"
+LOCK = "/root/.mlxnode/cluster.lock"  # the launcher's one lock (never unlinked)
 CACHE_DIR = "/root/.cache/mlx_models"
 VENV_DIR = "/root/.mlxnode/venv"
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] \[Rank (\d+)/3\] (\w+) ", re.M)
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root"),
-    pytest.mark.skipif(
-        not (shutil.which("ip", path="/usr/sbin:/sbin") and os.access("/usr/sbin/sshd", os.X_OK)),
-        reason="the testbed needs iproute2 and openssh-server",
-    ),
-    pytest.mark.skipif(not shutil.which("rsync"), reason="the roles push files with rsync"),
-]
+# Missing root, iproute2, sshd or rsync skips these tests, or fails them under CI.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires("root", "iproute2", "sshd", "rsync")]
 
 
 def record(test: str, **figures: object) -> None:
@@ -129,7 +123,13 @@ class Cluster:
         argv, env = self._argv_env(name, extra)
         started = time.monotonic()
         proc = subprocess.run(
-            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            argv,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=timeout,
         )
         return Play(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
 
@@ -137,7 +137,14 @@ class Cluster:
         argv, env = self._argv_env(name, extra)
         path = self.work / f"{log}.out"
         with path.open("w") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         return Running(proc, path, time.monotonic())
 
     def run_vars(self, run_id: str, *args: str, max_tokens: int = 8) -> tuple[str, ...]:
@@ -174,19 +181,30 @@ class Cluster:
         return marker >= 0 and len(out[marker:].split("\n", 1)[-1].strip()) >= 5
 
     def leftovers(self) -> dict[str, str]:
-        """Per host: ranks still running, ring ports still listening, a lock file left."""
+        """Per host: ranks still running, ring ports still listening, the lock still held."""
         ports = f"sport >= :{RING_PORT} and sport <= :{RING_PORT + len(HOSTS) - 1}"
         found = {}
         for host in HOSTS:
             out = self.ssh(
                 host,
                 f"pgrep -af '[m]lxnode run'; ss -Htln '( {ports} )'; "
-                f"test -e {RUNS_DIR}/cluster.lock && echo 'lock file {RUNS_DIR}/cluster.lock'",
+                f"test -e {LOCK} && ! flock -n {LOCK} true && echo 'lock held: {LOCK}'",
                 check=False,
             ).stdout.strip()
             if out:
                 found[host] = out
         return found
+
+    def assert_nothing_started(self, run_id: str) -> None:
+        """No rank of `run_id` runs, or ever wrote its log, on any host."""
+        for host in HOSTS:
+            out = self.ssh(
+                host,
+                f"pgrep -af '[m]lxnode run --run-id {run_id}'; "
+                f"ls {RUNS_DIR}/{run_id}/inference.rank*.log 2>/dev/null",
+                check=False,
+            ).stdout.strip()
+            assert out == "", f"{host}: {out}"
 
     def rank_logs(self, run_id: str) -> dict[str, Path]:
         return {
@@ -262,13 +280,21 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
 @pytest.fixture(autouse=True)
 def _fault_free(cluster) -> Iterator[None]:
-    """Each test starts and ends with every link up and no rank of any run left."""
+    """Each test starts and ends with every link up and no rank of any run left.
+
+    A rank the test left running is killed, and fails the test: cleanup is the
+    launcher's job, and a test must not pass because this fixture did it.
+    """
     yield
     for host in HOSTS:
         cluster.bed.set_link(host, True)
+    killed = {}
     for host in HOSTS:
         wait_for(lambda h=host: cluster.ssh(h, "true", check=False).returncode == 0, 30, host)
-        cluster.bed.kill_host_processes(host, r"mlxnode run", sig=signal.SIGKILL)
+        pids = cluster.bed.kill_host_processes(host, r"mlxnode run", sig=signal.SIGKILL)
+        if pids:
+            killed[host] = pids
+    assert killed == {}, f"ranks were left running and had to be killed: {killed}"
 
 
 # -- a rank dies, the network splits
@@ -356,6 +382,7 @@ def test_an_unreachable_host_is_named_by_the_preflight_within_20s(cluster):
     # Ansible itself never waited on h2: the launcher's pre-flight refused first.
     recap = {m[0]: int(m[1]) for m in RECAP.findall(play.output)}
     assert recap.get("h2") == 0, recap
+    cluster.assert_nothing_started("rel-down")
 
 
 def test_a_ring_port_in_use_is_named_by_the_preflight(cluster):
@@ -381,6 +408,7 @@ def test_a_ring_port_in_use_is_named_by_the_preflight(cluster):
     record("busy ring port", play_seconds=round(play.seconds, 1))
     assert f"pre-flight failed: rank 2 on h3: port {port} already in use" in message
     assert re.search(rf"- 2 h3 yes \S+ \S+ \S+ \S+ {port}", message), message[-3000:]
+    cluster.assert_nothing_started("rel-port")
 
 
 def test_a_different_mlxnode_on_one_host_is_refused_with_a_table(cluster):
@@ -397,6 +425,7 @@ def test_a_different_mlxnode_on_one_host_is_refused_with_a_table(cluster):
     for rank, host in enumerate(HOSTS):
         version = "0.0.0+skew" if host == "h3" else "0.1.0"
         assert re.search(rf"- {rank} {host} yes \S+ \S+ \S+ {re.escape(version)} -", message)
+    cluster.assert_nothing_started("rel-skew")
 
 
 # -- the model cache is damaged
@@ -450,16 +479,28 @@ def test_a_truncated_weight_file_is_refused_with_exit_3(cluster):
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_cluster(cluster):
-    first = cluster.start_run("rel-busy-a", max_tokens=600)
-    lock = f"{RUNS_DIR}/cluster.lock"
-    wait_for(lambda: cluster.ssh("h1", f"test -s {lock}", check=False).returncode == 0, 60, lock)
-    second = cluster.run("rel-busy-b")
+    # The first run holds the lock for as long as the test needs, not for as long as some
+    # number of tokens happens to take.
+    holder = (
+        "import time\nfrom mlxnode.launcher import DEFAULT_LOCK_FILE, cluster_lock\n"
+        "with cluster_lock(DEFAULT_LOCK_FILE, 'rel-busy-a'):\n    time.sleep(600)\n"
+    )
+    cluster.ssh("h1", f"cat > /root/hold_lock.py <<'EOF'\n{holder}EOF")
+    cluster.ssh(
+        "h1",
+        f"setsid nohup {VENV_DIR}/bin/python /root/hold_lock.py >/dev/null 2>&1 </dev/null & "
+        f"for i in $(seq 100); do test -s {LOCK} && exit 0; sleep 0.1; done; exit 1",
+    )
+    try:
+        second = cluster.run("rel-busy-b")
+    finally:
+        cluster.ssh("h1", "pkill -f '[h]old_lock.py'; rm -f /root/hold_lock.py", check=False)
     message = second.failure()
     assert re.search(
         r"\(exit 8\): cluster busy: run rel-busy-a started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", message
     ), message[-3000:]
-    first.wait().check()
-    assert cluster.leftovers() == {}  # released, lock file gone
+    cluster.assert_nothing_started("rel-busy-b")
+    wait_for(lambda: cluster.leftovers() == {}, 10, "the lock to be free")
     third = cluster.run("rel-busy-c").check()
     record("concurrent", refused_after_s=round(second.seconds, 1), third_s=round(third.seconds, 1))
 
@@ -545,7 +586,7 @@ def test_host_keys_are_checked_and_a_changed_key_is_refused(cluster, tmp_path):
     )
     ping = subprocess.run(
         [str(VENV_BIN / "ansible"), "-i", str(inventory), "h2", "-m", "ansible.builtin.ping"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, stdin=subprocess.DEVNULL, text=True, timeout=120,
         env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
              "ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp"), "ANSIBLE_NOCOLOR": "1"},
     )  # fmt: skip
@@ -561,6 +602,7 @@ def test_host_keys_are_checked_and_a_changed_key_is_refused(cluster, tmp_path):
     finally:
         cluster.ssh("h1", f"mv /root/known_hosts.orig {known_on_h1}")
     assert "rank 1 on h2: host key does not match known_hosts" in play.failure()
+    cluster.assert_nothing_started("rel-hostkey")
 
 
 # -- repeated runs leave nothing behind

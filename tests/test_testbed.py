@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,22 +13,20 @@ from pathlib import Path
 import paramiko
 import pytest
 import yaml
+from conftest import requires, session_testbed
 
 from mlxnode.testing import testbed as tb_mod
 
-# Names and subnets of their own, so the tests never touch a developer's `mlxnode` testbed.
-NAME = "mlxtest"
-SUBNET = "10.213.9.0/24"
+# Names and subnets of this session's own: a developer's `mlxnode` testbed, or another
+# session's, is never touched.
+NAME, SUBNET = session_testbed("t")
+DOWN_NAME, DOWN_SUBNET = session_testbed("d")
+NET = SUBNET.rsplit(".", 1)[0]  # e.g. "10.216.42"
+PREFIX = NAME[:4]  # interfaces are named after it
 HOSTS = 3
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root"),
-    pytest.mark.skipif(
-        not (shutil.which("ip", path="/usr/sbin:/sbin") and os.access(tb_mod.SSHD, os.X_OK)),
-        reason="the testbed needs iproute2 and openssh-server",
-    ),
-]
+# Missing root, iproute2 or sshd skips these tests, or fails them under CI.
+pytestmark = [pytest.mark.e2e, requires("root", "iproute2", "sshd")]
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +59,7 @@ def wait_for(predicate, timeout: float) -> bool:
 
 def test_every_host_answers_over_ssh_with_its_own_address_and_name(testbed):
     assert [h.name for h in testbed.hosts] == ["h1", "h2", "h3"]
-    assert testbed.controller_ip == "10.213.9.1"
+    assert testbed.controller_ip == f"{NET}.1"
     for host in testbed.hosts:
         out = ssh(testbed, host.name, "hostname; hostname -I; ip -4 -o addr show dev eth0")
         assert out.returncode == 0, out.stderr
@@ -185,8 +182,8 @@ def test_ansible_pings_every_host_through_the_written_inventory(testbed, tmp_pat
     )
     parsed = yaml.safe_load(inventory.read_text())["all"]["children"]["mlx_cluster"]
     assert parsed["hosts"]["h1"] == {
-        "ansible_host": "10.213.9.11",
-        "mlxnode_mlx_ip": "10.213.9.11",
+        "ansible_host": f"{NET}.11",
+        "mlxnode_mlx_ip": f"{NET}.11",
         "mlxnode_rank": 0,
     }
     assert parsed["vars"]["ansible_python_interpreter"] == "/usr/bin/python3"
@@ -204,6 +201,7 @@ def test_ansible_pings_every_host_through_the_written_inventory(testbed, tmp_pat
     out = subprocess.run(
         [str(ansible), "-i", str(inventory), "mlx_cluster", "-m", "ansible.builtin.ping"],
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         env=env,
         timeout=120,
@@ -281,14 +279,15 @@ def test_a_subnet_in_use_elsewhere_is_refused_before_anything_is_created():
 
 def test_another_testbed_cannot_take_this_ones_subnet_or_interfaces(testbed):
     with pytest.raises(
-        tb_mod.TestbedUsageError, match="overlaps 10.213.9.1/24 on interface mlxtbr0"
+        tb_mod.TestbedUsageError, match=f"overlaps {NET}.1/24 on interface {PREFIX}br0"
     ):
         tb_mod.Testbed("other", hosts=1, subnet=SUBNET).up()
     # Interfaces are named after the first four letters of the testbed's name.
-    with pytest.raises(tb_mod.TestbedUsageError, match="interface mlxtbr0 exists but testbed"):
-        tb_mod.Testbed("mlxtest2", hosts=1, subnet="10.213.7.0/24").up()
+    clash = f"{PREFIX}x"
+    with pytest.raises(tb_mod.TestbedUsageError, match=f"interface {PREFIX}br0 exists but testbed"):
+        tb_mod.Testbed(clash, hosts=1, subnet=DOWN_SUBNET).up()
     assert not (testbed.state_root / "other").exists()
-    assert not (testbed.state_root / "mlxtest2").exists()
+    assert not (testbed.state_root / clash).exists()
 
 
 def test_cli_status_prints_json_and_a_table(testbed, capsys):
@@ -300,7 +299,7 @@ def test_cli_status_prints_json_and_a_table(testbed, capsys):
     assert tb_mod.main(["status", "--name", NAME]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split() == ["HOST", "IP", "NETNS", "SSHD", "LINK", "SSH"]
-    assert table[2].split()[:3] == ["h1", "10.213.9.11", "mlxtest-h1"]
+    assert table[2].split()[:3] == ["h1", f"{NET}.11", f"{NAME}-h1"]
 
 
 def test_cli_refuses_to_run_without_root():
@@ -319,7 +318,7 @@ def test_cli_refuses_to_run_without_root():
 
 
 def test_down_removes_exactly_what_up_created_and_twice_is_harmless():
-    bed = tb_mod.Testbed("mlxdown", hosts=2, subnet="10.213.8.0/24")
+    bed = tb_mod.Testbed(DOWN_NAME, hosts=2, subnet=DOWN_SUBNET)
     bed.down()
     try:
         started = time.monotonic()
@@ -332,12 +331,14 @@ def test_down_removes_exactly_what_up_created_and_twice_is_harmless():
         started = time.monotonic()
         removed = bed.down()
         down_seconds = time.monotonic() - started
-        print(f"\nmlxdown: up {up_seconds:.2f} s, down {down_seconds:.2f} s")
+        print(f"\n{DOWN_NAME}: up {up_seconds:.2f} s, down {down_seconds:.2f} s")
     finally:
         bed.down()
-    assert "deleted bridge mlxdbr0" in removed
-    assert not any(Path("/run/netns", f"mlxdown-h{i}").exists() for i in (1, 2))
-    assert not any(Path("/sys/class/net", n).exists() for n in ("mlxdbr0", "mlxd-h1", "mlxd-h2"))
+    prefix = DOWN_NAME[:4]
+    assert f"deleted bridge {prefix}br0" in removed
+    assert not any(Path("/run/netns", f"{DOWN_NAME}-h{i}").exists() for i in (1, 2))
+    links = (f"{prefix}br0", f"{prefix}-h1", f"{prefix}-h2")
+    assert not any(Path("/sys/class/net", n).exists() for n in links)
     assert not bed.state_dir.exists()
     assert not any(tb_mod._is_running(pid) for pid in pids)
     stray = [

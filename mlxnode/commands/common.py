@@ -129,9 +129,12 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, *, sections: tuple[str, ...] | None = None
+    parser: argparse.ArgumentParser,
+    *,
+    sections: tuple[str, ...] | None = None,
+    keys: tuple[str, ...] | None = None,
 ) -> None:
-    """Add `--config` and the flags bound to settings (all, or those of `sections`)."""
+    """Add `--config` and the flags bound to settings (all, those of `sections`, or `keys`)."""
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -140,6 +143,8 @@ def add_config_flags(
     group = parser.add_argument_group("settings (override config file and MLXNODE_* env)")
     for flag in CONFIG_FLAGS:
         if sections is not None and flag.key.split(".")[0] not in sections:
+            continue
+        if keys is not None and flag.key not in keys:
             continue
         dest = _dest(flag.key)
         if flag.kind == "value":

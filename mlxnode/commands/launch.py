@@ -2,7 +2,8 @@
 
 `launch` is what the `mlxnode_run` Ansible role calls on the launcher host:
 cluster lock, pre-flight, `mlx.launch`, a timeout, and an exit code that names
-the rank and host that failed.
+the rank and host that failed. Its backend and log level come from the same
+configuration as every other command (flag > MLXNODE_* env > config file > default).
 """
 
 from __future__ import annotations
@@ -10,16 +11,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .. import launcher, preflight
-from ..errors import MlxnodeError, PreflightError
-from ..logs import setup_logging
+from ..errors import MlxnodeError, PreflightError, Stopped, UsageError
+from ..logs import redact
+from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
+from . import run as run_command
+from .common import add_config_flags, configure
+
+# Settings the launcher itself uses; the ranks get theirs from the arguments after --.
+_LAUNCH_KEYS = ("logging.level", "distributed.backend")
+# Stopped like Ctrl-C: every rank on every host first, then exit 128 + the signal.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, keys: tuple[str, ...]) -> None:
     parser.add_argument(
         "--hostfile", required=True, metavar="PATH", help="mlx.launch hostfile (JSON)."
     )
@@ -42,29 +53,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="Seconds to wait for each host's SSH before calling it unreachable.",
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="Log level; DEBUG also shows tracebacks.",
-    )
+    add_config_flags(parser, keys=keys)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
         "preflight", help="Check every host of a hostfile is reachable, free and in step."
     )
-    _add_common(check)
+    _add_common(check, ("logging.level",))
     check.add_argument("--json", action="store_true", help="Print the reports as JSON.")
     check.set_defaults(handler=preflight_main)
 
     run = subparsers.add_parser(
         "launch",
         help="Start `mlxnode run` on every host with mlx.launch (lock, pre-flight, timeout).",
-        description="Arguments after -- are passed to `mlxnode run` on every rank.",
+        description="Arguments after -- are passed to `mlxnode run` on every rank; a prompt "
+        "given as words (last) or '-' (stdin) reaches rank 0 as a private file instead.",
     )
-    _add_common(run)
-    run.add_argument("--backend", default="ring", help="mx.distributed backend for mlx.launch.")
+    _add_common(run, _LAUNCH_KEYS)
     run.add_argument("--run-id", help="Name of this run (default: time and pid).")
     run.add_argument(
         "--timeout",
@@ -85,8 +91,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--log-dir",
         metavar="DIR",
-        help=f"Also write the output, as it comes, to DIR/{launcher.STDOUT_LOG} (rank 0's "
-        f"answer, the ranks' console lines) and DIR/{launcher.STDERR_LOG}.",
+        help=f"The run directory (same path on every host): also write the output, as it "
+        f"comes, to DIR/{launcher.STDOUT_LOG} (rank 0's answer, the ranks' console lines) and "
+        f"DIR/{launcher.STDERR_LOG}; the ranks' status records go there too "
+        f"(default: {launcher.DEFAULT_RUNS_DIR}/RUN_ID, without the output files).",
     )
     run.add_argument(
         "--report-json",
@@ -99,7 +107,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def preflight_main(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    configure(args)
     hosts = preflight.load_hostfile(args.hostfile)
     reports = preflight.check_hosts(
         hosts,
@@ -116,27 +124,29 @@ def preflight_main(args: argparse.Namespace) -> int:
 
 
 def launch_main(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
-    run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    resolved = configure(args)
     run_id = launcher.check_run_id(args.run_id or launcher.new_run_id())
+    run_args, prompts = split_prompts(args.run_args)
     report = launcher.LaunchReport(run_id)
     started = time.monotonic()
     code, error = 1, None
     try:
-        result = launcher.launch(
-            args.hostfile,
-            run_args,
-            run_id=run_id,
-            backend=args.backend,
-            python=args.python,
-            starting_port=args.starting_port,
-            timeout=args.timeout,
-            lock_file=args.lock_file,
-            check=not args.no_preflight,
-            connect_timeout=args.connect_timeout,
-            report=report,
-            log_dir=args.log_dir,
-        )
+        with stop_on_signals():
+            result = launcher.launch(
+                args.hostfile,
+                run_args,
+                run_id=run_id,
+                prompts=prompts,
+                backend=resolved.config.distributed.backend,
+                python=args.python,
+                starting_port=args.starting_port,
+                timeout=args.timeout,
+                lock_file=args.lock_file,
+                check=not args.no_preflight,
+                connect_timeout=args.connect_timeout,
+                report=report,
+                log_dir=args.log_dir,
+            )
         code = result.returncode
         return code
     except PreflightError as e:
@@ -147,12 +157,69 @@ def launch_main(args: argparse.Namespace) -> int:
     except MlxnodeError as e:
         code, error = e.exit_code, " ".join(str(e).split())
         raise
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        code, error = 128 + signum, f"stopped by {signal.Signals(signum).name}"
+        raise
     finally:
         if error is not None and args.log_dir:
             # The file should end like the terminal: with the CLI's one line.
             log = Path(args.log_dir) / launcher.STDERR_LOG
             with contextlib.suppress(OSError), open(log, "a", encoding="utf-8") as f:
-                f.write(f"mlxnode: error: {error}\n")
+                f.write(redact(f"mlxnode: error: {error}") + "\n")
         if args.report_json:
             report.finish(exit_code=code, error=error, seconds=time.monotonic() - started)
             report.write(args.report_json)
+
+
+def split_prompts(run_args: Sequence[str]) -> tuple[list[str], list[Prompt] | None]:
+    """`mlxnode run` arguments without the prompt words, and those words as prompts.
+
+    The prompt must not travel in a command line: mlx.launch quotes the whole remote
+    command into one argument (128 KiB at most on Linux), and every host's `ps` shows it.
+    Words given last (or '-', read from stdin here) become rank 0's prompts file.
+
+    Raises:
+        UsageError: the words are not last, or come with --prompts-file.
+    """
+    args = list(run_args[1:] if run_args[:1] == ["--"] else run_args)
+    parser = argparse.ArgumentParser(prog="mlxnode launch -- (mlxnode run arguments)")
+    run_command.add_arguments(parser)
+    words: list[str] = parser.parse_args(args).prompt
+    if not words:
+        return args, None
+    if "--prompts-file" in args or any(a.startswith("--prompts-file=") for a in args):
+        raise UsageError("give the prompt as text or --prompts-file, not both")
+    if args[-len(words) :] != words:
+        raise UsageError(
+            "put the prompt last, after the other `mlxnode run` arguments, or pass "
+            "--prompts-file FILE"
+        )
+    rest = args[: -len(words)]
+    if rest[-1:] == ["--"]:
+        rest = rest[:-1]
+    return rest, read_prompts_file(STDIN) if words == [STDIN] else prompts_from_args(words)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Stopped`, once, so they unwind like Ctrl-C.
+
+    The launcher then stops mlx.launch (in a session of its own, so no signal reaches it)
+    and kills the run's ranks on every host before it exits and the kernel frees the lock.
+    A second signal while that cleanup runs is ignored.
+    """
+    stopping = False
+
+    def handler(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

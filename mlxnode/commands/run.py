@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import outcome
 from ..config import ResolvedConfig
 from ..errors import MlxnodeError, UsageError
+from ..logs import current_rank
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
 from .common import add_config_flags, configure
 
@@ -23,6 +25,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="Run (distributed) inference on one or more prompts.",
         description="Run inference; under mlx.launch every rank loads only its shard.",
     )
+    add_arguments(parser)
+    parser.set_defaults(handler=main)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every argument of `mlxnode run` (`mlxnode launch` parses the ranks' arguments too)."""
     parser.add_argument("prompt", nargs="*", help="Prompt text; '-' reads prompts from stdin.")
     parser.add_argument(
         "--prompts-file",
@@ -45,6 +53,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--run-id", metavar="ID", help="Name of this run in the logs and metrics (set by launch)."
     )
+    parser.add_argument(
+        "--status-dir",
+        metavar="DIR",
+        help="Write this rank's status record there when it ends, and on rank 0 the record "
+        "of every rank that completed (set by launch, which judges the run by them).",
+    )
     parser.add_argument("--list-cached", action="store_true", help="List cached models and exit.")
     parser.add_argument(
         "--clear-cache",
@@ -55,13 +69,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--yes", action="store_true", help="With --clear-cache: delete without asking."
     )
     add_config_flags(parser)
-    parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    resolved = configure(args)
-    if args.list_cached or args.clear_cache:
-        return _cache_action(args, resolved)
+    outcome.start(args.status_dir, args.run_id)
+    try:
+        resolved = configure(args)
+        if args.list_cached or args.clear_cache:
+            return _cache_action(args, resolved)
+        result = _run(args, resolved)
+    except Exception as e:
+        outcome.record_exit(e)
+        raise
+    outcome.record_exit(None)
+    if current_rank()[0] == 0:
+        # The metrics were all-gathered after generation: every rank listed got to the end.
+        outcome.record_completion(result.metrics.world_size, result.metrics.ranks)
+    return 0
+
+
+def _run(args: argparse.Namespace, resolved: ResolvedConfig):
     try:
         from .. import engine
     except ImportError as e:
@@ -69,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
             f"the inference engine cannot be imported ({e}); reinstall mlxnode with its "
             "MLX extra (pip install 'mlxnode[cpu]' off macOS)"
         ) from e
-    engine.run(
+    return engine.run(
         resolved.config,
         _prompt_reader(args),
         output=args.output,
@@ -77,7 +104,6 @@ def main(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         stdout=sys.stdout,
     )
-    return 0
 
 
 def _prompt_reader(args: argparse.Namespace):

@@ -54,7 +54,10 @@ def _playbook(name: str, *extra: str, log: Path) -> None:
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
     started = time.monotonic()
     with open(log, "w") as out:
-        result = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Ansible 2.19 refuses a non-blocking stdin (as `make` may hand down): give it none.
+        result = subprocess.run(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
     text = log.read_text()
     recap = text[text.rfind("PLAY RECAP") :] if "PLAY RECAP" in text else text[-3000:]
     print(recap.rstrip())
