@@ -1,6 +1,8 @@
 """Benchmark the per-rank model cache against a local Hub: bytes per rank, and prewarm time.
 
-For each model shape it measures, with a fresh cache every time:
+For the real SmolLM2-135M-Instruct (4-bit, 30 layers over 8 files, tied embeddings) and a
+synthetic model with one file per layer (as in large checkpoints, which the real one cannot
+show), it measures, with a fresh cache every time:
 
 1. bytes of weight files one pipeline rank downloads, for N = 2, 3, 4, against the
    target ``layer share + non-layer weights + one file of slack`` (exact tensor sizes
@@ -22,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import struct
 import subprocess
@@ -44,6 +47,7 @@ from huggingface_hub import snapshot_download  # noqa: E402
 from mlxnode import sharding  # noqa: E402
 from mlxnode.cache import ModelCacheManager  # noqa: E402
 from mlxnode.testing.hubserver import HubServer, parse_rate  # noqa: E402
+from mlxnode.testing.real_model import real_model  # noqa: E402
 from mlxnode.testing.tiny_model import make_tiny_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.json"
@@ -59,10 +63,10 @@ class Shape:
     num_layers: int
     num_shards: int
     hidden_size: int = 256
+    real_variant: str | None = None  # a converted real checkpoint instead of a tiny model
 
 
-# The issue's example (2 layers per file), and one file per layer as in large checkpoints.
-SHAPES = (Shape("coarse", 16, 8), Shape("fine", 32, 32))
+SHAPES = (Shape("smollm2-135m-q4", 30, 8, real_variant="q4"), Shape("fine", 32, 32))
 
 
 def main() -> int:
@@ -89,12 +93,16 @@ def main() -> int:
     }
     for shape in SHAPES:
         repo = f"{ORG}/{shape.name}"
-        path = make_tiny_model(
-            root / repo,
-            num_layers=shape.num_layers,
-            num_shards=shape.num_shards,
-            hidden_size=shape.hidden_size,
-        )
+        if shape.real_variant:
+            path = root / repo
+            shutil.copytree(real_model(shape.real_variant), path)
+        else:
+            path = make_tiny_model(
+                root / repo,
+                num_layers=shape.num_layers,
+                num_shards=shape.num_shards,
+                hidden_size=shape.hidden_size,
+            )
         tensors = _tensor_sizes(path)
         with HubServer(root) as hub:
             bytes_rows = _bytes_per_rank(hub, repo, shape, tensors)
