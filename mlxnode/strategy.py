@@ -147,7 +147,14 @@ def _tensor_problem(model: nn.Module, model_config: dict[str, Any], world_size: 
     if not hasattr(model, "shard"):
         return "mlx-lm has no shard() for it"
     sizes = {**model_config.get("text_config", {}), **model_config}
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    # shard() splits heads and MLP widths evenly; for MoE models that includes every expert's
+    # width, or it fails half-way through loading.
+    for key in (
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "moe_intermediate_size",
+    ):
         value = sizes.get(key)
         if isinstance(value, int) and value % world_size:
             return f"{key} {value} is not divisible by {world_size} ranks"

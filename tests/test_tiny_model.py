@@ -135,6 +135,29 @@ def test_16_bit_models_keep_float32_norms_like_real_checkpoints(tmp_path, dtype)
     assert len(list(stream_generate(model, tokenizer, "The morning", max_tokens=4))) == 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_checkpoint_stores_each_expert_and_keeps_routers_float32(tmp_path, dtype):
+    experts = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}
+    path = make_tiny_model(
+        tmp_path / "m", arch="qwen3_moe", num_shards=1, dtype=dtype, **experts, **SMALL
+    )
+
+    weights = mx.load(str(path / SINGLE_FILE))
+    mlp = "model.layers.0.mlp."
+    assert {n.removeprefix(mlp) for n in weights if n.startswith(mlp)} == {"gate.weight"} | {
+        f"experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")
+    }
+    assert weights[mlp + "gate.weight"].dtype == mx.float32  # the router, as in real ones
+    assert weights[mlp + "experts.3.down_proj.weight"].shape == (32, 8)
+    assert weights[mlp + "experts.3.down_proj.weight"].dtype == getattr(mx, dtype)
+    config = json.loads((path / "config.json").read_text())
+    assert {k: config[k] for k in experts} == experts
+    # mlx-lm's sanitize stacks the experts into one switch_mlp per layer.
+    model, tokenizer = mlx_lm.load(str(path))
+    assert model.model.layers[0].mlp.switch_mlp.down_proj.weight.shape == (4, 32, 8)
+    assert len(list(stream_generate(model, tokenizer, "The morning", max_tokens=4))) == 4
+
+
 def test_seed_changes_weights_but_not_tokenizer(tmp_path):
     a = _digests(make_tiny_model(tmp_path / "a", seed=0, **SMALL))
     b = _digests(make_tiny_model(tmp_path / "b", seed=1, **SMALL))
@@ -213,6 +236,9 @@ def test_an_empty_existing_directory_is_filled(tmp_path):
         {"hidden_size": 30, "num_heads": 4},
         {"num_heads": 4, "num_kv_heads": 3},
         {"vocab_size": 100},
+        {"arch": "llama", "num_experts": 4},
+        {"arch": "qwen3_moe", "num_experts": 2, "num_experts_per_tok": 3},
+        {"arch": "qwen3_moe", "moe_intermediate_size": 0},
     ],
 )
 def test_rejects_sizes_that_do_not_fit(tmp_path, kwargs):

@@ -36,13 +36,18 @@ DEFAULT_VOCAB_SIZE = 512
 DEFAULT_NUM_SHARDS = 4
 DEFAULT_SEED = 0
 DEFAULT_MAX_POSITION_EMBEDDINGS = 512
-# Storage dtypes. In 16-bit checkpoints the norm scales stay float32, as in many real ones
-# (llama.cpp stores every 1-D tensor as F32; MoE routers and SSM parameters are often kept in
-# float32 too): a layer's output is then float32 while its input was 16-bit.
+# Storage dtypes. In 16-bit checkpoints the norm scales and MoE routers stay float32, as in
+# many real ones (llama.cpp stores every 1-D tensor as F32; MoE routers and SSM parameters are
+# often kept in float32 too): a layer's output is then float32 while its input was 16-bit.
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_DTYPE = "float32"
 # intermediate_size defaults to this multiple of hidden_size.
 DEFAULT_MLP_RATIO = 4
+# Mixture-of-experts architectures: experts per MoE layer, experts each token is routed to,
+# and each expert's MLP width (moe_intermediate_size) as a fraction of hidden_size.
+DEFAULT_NUM_EXPERTS = 4
+DEFAULT_NUM_EXPERTS_PER_TOK = 2
+DEFAULT_MOE_MLP_DIVISOR = 2
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -131,6 +136,9 @@ class _Arch:
     sandwich_norms: bool = False
     must_tie: bool = False
     tie_by_default: bool = False
+    # Every layer's MLP is a routed mixture of experts, stored per expert as in Hugging Face
+    # checkpoints (mlx-lm's sanitize stacks them into one switch_mlp).
+    moe: bool = False
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
 
@@ -141,6 +149,7 @@ _ARCHS: dict[str, _Arch] = {
     "qwen2": _Arch("Qwen2ForCausalLM", qkv_bias=True, rope_theta=1_000_000.0),
     "qwen3": _Arch("Qwen3ForCausalLM", qk_norm=True, rope_theta=1_000_000.0),
     "phi3": _Arch("Phi3ForCausalLM", fused_projections=True),
+    "qwen3_moe": _Arch("Qwen3MoeForCausalLM", qk_norm=True, moe=True, rope_theta=1_000_000.0),
     # mlx-lm's gemma has no lm_head at all, so its embeddings are always tied.
     "gemma": _Arch(
         "GemmaForCausalLM",
@@ -162,6 +171,16 @@ _ARCHS: dict[str, _Arch] = {
 
 SUPPORTED_ARCHS: tuple[str, ...] = tuple(_ARCHS)
 
+
+@dataclass(frozen=True)
+class _Experts:
+    """The mixture-of-experts sizes of an MoE model."""
+
+    count: int
+    per_token: int
+    width: int  # each expert's MLP width (moe_intermediate_size)
+
+
 # gemma3_text alternates local (sliding-window) and global attention layers; a short window and
 # pattern mean even tiny models and short generations exercise both cache types.
 _GEMMA3_SLIDING_WINDOW = 32
@@ -182,6 +201,9 @@ def make_tiny_model(
     intermediate_size: int | None = None,
     num_heads: int = DEFAULT_NUM_HEADS,
     num_kv_heads: int = DEFAULT_NUM_KV_HEADS,
+    num_experts: int | None = None,
+    num_experts_per_tok: int | None = None,
+    moe_intermediate_size: int | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     num_shards: int = DEFAULT_NUM_SHARDS,
     seed: int = DEFAULT_SEED,
@@ -205,6 +227,12 @@ def make_tiny_model(
         intermediate_size: MLP width; defaults to `DEFAULT_MLP_RATIO * hidden_size`.
         num_heads: Attention heads.
         num_kv_heads: Key/value heads; must divide `num_heads`.
+        num_experts: Experts per layer, for MoE architectures only; defaults to
+            `DEFAULT_NUM_EXPERTS`.
+        num_experts_per_tok: Experts each token is routed to (MoE only); defaults to
+            `DEFAULT_NUM_EXPERTS_PER_TOK`.
+        moe_intermediate_size: Each expert's MLP width (MoE only); defaults to
+            `hidden_size // DEFAULT_MOE_MLP_DIVISOR`.
         vocab_size: Size of the trained tokenizer and of the embedding matrix.
         num_shards: Number of safetensors files. Embeddings go in the first, the final norm and
             `lm_head` in the last, and the layers in contiguous blocks in between, as in real
@@ -215,15 +243,16 @@ def make_tiny_model(
         tie_embeddings: Reuse the embedding matrix as the output projection (no `lm_head`).
             Defaults to the architecture's habit: tied for gemma models, untied otherwise.
         max_position_embeddings: Longest context the config advertises.
-        dtype: One of `DTYPES`. In 16-bit models the norm weights stay float32 (mixed
-            precision, as in many real checkpoints).
+        dtype: One of `DTYPES`. In 16-bit models the norm weights and MoE routers stay
+            float32 (mixed precision, as in many real checkpoints).
         overwrite: Replace an existing non-empty `out_dir`.
 
     Returns:
         The path of the finished model directory.
 
     Raises:
-        ValueError: If the architecture is unknown or the sizes do not fit together.
+        ValueError: If the architecture is unknown, the sizes do not fit together, or expert
+            sizes are given for a model without experts.
         FileExistsError: If `out_dir` holds files and `overwrite` is false.
     """
     out = Path(out_dir)
@@ -238,6 +267,14 @@ def make_tiny_model(
         raise ValueError(f"{arch} always ties its embeddings; drop tie_embeddings=False")
     if intermediate_size is None:
         intermediate_size = DEFAULT_MLP_RATIO * hidden_size
+    experts = _resolve_experts(
+        arch,
+        spec,
+        hidden_size=hidden_size,
+        num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        moe_intermediate_size=moe_intermediate_size,
+    )
     _check_sizes(
         arch=arch,
         num_layers=num_layers,
@@ -267,6 +304,7 @@ def make_tiny_model(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
+            experts=experts,
             vocab_size=vocab_size,
             tie_embeddings=tie_embeddings,
             max_position_embeddings=max_position_embeddings,
@@ -282,6 +320,7 @@ def make_tiny_model(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
+            experts=experts,
             vocab_size=vocab_size,
             tie_embeddings=tie_embeddings,
         )
@@ -301,6 +340,41 @@ def make_tiny_model(
         raise
     logger.info("wrote tiny %s model to %s", arch, out)
     return out
+
+
+def _resolve_experts(
+    arch: str,
+    spec: _Arch,
+    *,
+    hidden_size: int,
+    num_experts: int | None,
+    num_experts_per_tok: int | None,
+    moe_intermediate_size: int | None,
+) -> _Experts | None:
+    given = (num_experts, num_experts_per_tok, moe_intermediate_size)
+    if not spec.moe:
+        if any(v is not None for v in given):
+            raise ValueError(f"{arch} has no experts; drop the num_experts* and moe_* sizes")
+        return None
+    experts = _Experts(
+        count=DEFAULT_NUM_EXPERTS if num_experts is None else num_experts,
+        per_token=DEFAULT_NUM_EXPERTS_PER_TOK
+        if num_experts_per_tok is None
+        else num_experts_per_tok,
+        width=(
+            hidden_size // DEFAULT_MOE_MLP_DIVISOR
+            if moe_intermediate_size is None
+            else moe_intermediate_size
+        ),
+    )
+    if experts.width < 1:
+        raise ValueError(f"moe_intermediate_size must be at least 1, got {experts.width}")
+    if not 1 <= experts.per_token <= experts.count:
+        raise ValueError(
+            f"num_experts_per_tok must be between 1 and num_experts {experts.count}, "
+            f"got {experts.per_token}"
+        )
+    return experts
 
 
 def _check_sizes(
@@ -426,6 +500,7 @@ def _config(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    experts: _Experts | None,
     vocab_size: int,
     tie_embeddings: bool,
     max_position_embeddings: int,
@@ -453,12 +528,25 @@ def _config(
         "use_cache": True,
         "initializer_range": 0.02,
     }
-    if arch in ("llama", "qwen3"):
+    if arch in ("llama", "qwen3", "qwen3_moe"):
         config["attention_bias"] = False
     if arch == "llama":
         config["mlp_bias"] = False
     if arch in ("mistral", "qwen2"):
         config["sliding_window"] = None
+    if experts is not None:
+        config.update(
+            num_experts=experts.count,
+            num_experts_per_tok=experts.per_token,
+            moe_intermediate_size=experts.width,
+            # Every layer routes; intermediate_size would size dense layers, of which there
+            # are none.
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            router_aux_loss_coef=0.001,
+            output_router_logits=False,
+        )
     if arch == "phi3":
         config["original_max_position_embeddings"] = max_position_embeddings
         config["rope_scaling"] = None
@@ -496,6 +584,7 @@ def _tensor_shapes(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    experts: _Experts | None,
     vocab_size: int,
     tie_embeddings: bool,
 ) -> dict[str, tuple[int, ...]]:
@@ -524,12 +613,20 @@ def _tensor_shapes(
         if spec.sandwich_norms:
             shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
             shapes[p + "post_feedforward_layernorm.weight"] = (h,)
-        if spec.fused_projections:
+        if experts is not None:
+            # The router, then each expert's own MLP, as Hugging Face checkpoints store them.
+            shapes[p + "mlp.gate.weight"] = (experts.count, h)
+            for e in range(experts.count):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (experts.width, h)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (experts.width, h)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, experts.width)
+        elif spec.fused_projections:
             shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
         else:
             shapes[p + "mlp.gate_proj.weight"] = (i, h)
             shapes[p + "mlp.up_proj.weight"] = (i, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, i)
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
     shapes["model.norm.weight"] = (h,)
     if not tie_embeddings:
         shapes["lm_head.weight"] = (vocab_size, h)
@@ -641,9 +738,10 @@ def _write_weights(
 
 
 def _stored(name: str, values: np.ndarray, dtype: str) -> mx.array:
-    """A tensor in its storage dtype: norm scales stay float32, the rest takes `dtype`."""
+    """A tensor in its storage dtype: norm scales and MoE routers stay float32, the rest
+    takes `dtype`."""
     array = mx.array(values)
-    if name.endswith("norm.weight"):
+    if name.endswith(("norm.weight", ".mlp.gate.weight")):
         return array
     return array.astype(getattr(mx, dtype))
 
@@ -712,6 +810,25 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help=f"Key/value heads (default: {DEFAULT_NUM_KV_HEADS}).",
     )
     parser.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help=f"Experts per layer, MoE architectures only (default: {DEFAULT_NUM_EXPERTS}).",
+    )
+    parser.add_argument(
+        "--experts-per-token",
+        type=int,
+        default=None,
+        help=f"Experts each token is routed to, MoE only (default: {DEFAULT_NUM_EXPERTS_PER_TOK}).",
+    )
+    parser.add_argument(
+        "--moe-intermediate-size",
+        type=int,
+        default=None,
+        help=f"Each expert's MLP width, MoE only "
+        f"(default: hidden size / {DEFAULT_MOE_MLP_DIVISOR}).",
+    )
+    parser.add_argument(
         "--vocab-size",
         type=int,
         default=DEFAULT_VOCAB_SIZE,
@@ -776,6 +893,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             intermediate_size=args.intermediate_size,
             num_heads=args.heads,
             num_kv_heads=args.kv_heads,
+            num_experts=args.experts,
+            num_experts_per_tok=args.experts_per_token,
+            moe_intermediate_size=args.moe_intermediate_size,
             vocab_size=args.vocab_size,
             num_shards=args.shards,
             seed=args.seed,
