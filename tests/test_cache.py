@@ -773,13 +773,73 @@ def test_clear_never_touches_anything_outside_the_cache(manager, hub, cache_dir,
     refused = _cli(hub, cache_dir, "clear", TINY_SINGLE)
     assert refused.returncode == 2 and "--yes" in refused.stderr
     assert model.path.is_dir()
+    # Another tool's directory with a model-like name: no mlxnode.json, so not ours.
+    foreign = cache_dir / "other--tool"
+    (foreign / "snapshots").mkdir(parents=True)
+    (foreign / "snapshots" / "data.bin").write_bytes(b"not mlxnode's")
+    named = _cli(hub, cache_dir, "clear", "other/tool", "--yes")
+    assert named.returncode == 3 and "no mlxnode.json" in named.stderr, named.stderr
 
-    cleared = _cli(hub, cache_dir, "clear", "--yes")
+    cleared = _cli(hub, cache_dir, "clear", "--all", "--yes")
     assert cleared.returncode == 0, cleared.stderr
-    assert f"removed {TINY_SINGLE}" in cleared.stdout
+    assert [line.split(" (")[0] for line in cleared.stdout.splitlines()] == [
+        f"removed {TINY_SINGLE}"
+    ]
     assert not ModelPaths(cache_dir, TINY_SINGLE).root.exists()
     assert (outside / "precious").read_text() == "keep me"
     assert (cache_dir / "notes.txt").exists() and (cache_dir / "evil--model").is_symlink()
+    assert (foreign / "snapshots" / "data.bin").read_bytes() == b"not mlxnode's"
+
+
+def test_clear_deletes_only_the_model_asked_for(manager, hub, cache_dir, tmp_path):
+    def cache_both() -> None:
+        manager.fetch_metadata(TINY_LLAMA)
+        manager.fetch_metadata(TINY_SINGLE)
+
+    def cached() -> set[str]:
+        return {m.repo_id for m in manager.list_models()}
+
+    cache_both()
+    by_flag = _cli(hub, cache_dir, "clear", "--model", TINY_LLAMA, "--yes")
+    assert by_flag.returncode == 0, by_flag.stderr
+    assert (
+        by_flag.stdout.startswith(f"removed {TINY_LLAMA} (") and TINY_SINGLE not in by_flag.stdout
+    )
+    assert cached() == {TINY_SINGLE}
+
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"model:\n  name: {TINY_SINGLE}\n")
+    cache_both()
+    by_config = _cli(hub, cache_dir, "clear", "--config", str(config), "--yes")
+    assert by_config.returncode == 0, by_config.stderr
+    assert cached() == {TINY_LLAMA}
+
+    ran = subprocess.run(
+        [sys.executable, "-m", "mlxnode", "run", "--clear-cache", "--model", TINY_LLAMA, "--yes"],
+        env=_cli_env(hub, cache_dir), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert cached() == set()
+
+    cache_both()
+    local = tmp_path / "local-model"
+    shutil.copytree(hub.root / TINY_SINGLE, local)
+    for args, message in [
+        (["--yes"], "nothing to clear: give the MODEL"),
+        (["--model-path", str(local), "--yes"], f"--model-path {local} is a local model"),
+        ([TINY_SINGLE, "--model", TINY_LLAMA, "--yes"], "two models to clear"),
+        (["--all", "--model", TINY_LLAMA, "--yes"], "not both"),
+        (["--all", TINY_LLAMA, "--yes"], "not both"),
+    ]:
+        refused = _cli(hub, cache_dir, "clear", *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert refused.stderr.count("\n") == 1 and message in refused.stderr, refused.stderr
+    assert cached() == {TINY_LLAMA, TINY_SINGLE}
+    assert (local / "config.json").is_file()
+
+    everything = _cli(hub, cache_dir, "clear", "--all", "--yes")
+    assert everything.returncode == 0, everything.stderr
+    assert cached() == set()
 
 
 @pytest.mark.parametrize(("answer", "deleted"), [("n", False), ("y", True)])

@@ -301,15 +301,27 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def iter_models(cache_dir: Path) -> Iterator[ModelPaths]:
-    """Every model directory in the cache (named ``org--name``, not a symlink), sorted."""
+    """Every model directory mlxnode made in the cache, sorted.
+
+    That is a real directory named ``org--name`` holding mlxnode's metadata file (written
+    before any model file): another tool's ``a--b`` directory is never listed or cleared.
+    """
     try:
         entries = sorted(cache_dir.iterdir())
     except FileNotFoundError:
         return
     for entry in entries:
         repo_id = repo_id_from_folder(entry.name)
-        if repo_id is not None and entry.is_dir() and not entry.is_symlink():
+        if repo_id is not None and is_model_dir(entry):
             yield ModelPaths(cache_dir, repo_id)
+
+
+def is_model_dir(path: Path) -> bool:
+    """`path` is a directory (not a symlink) holding mlxnode's metadata file."""
+    metadata = path / METADATA_FILE
+    return (
+        path.is_dir() and not path.is_symlink() and metadata.is_file() and not metadata.is_symlink()
+    )
 
 
 def disk_usage(path: Path) -> int:

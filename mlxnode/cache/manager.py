@@ -382,8 +382,9 @@ class ModelCacheManager:
         """Delete one model from the cache (never anything outside it); return bytes freed.
 
         Raises:
-            CacheError: the model is not cached, is a symlink or resolves outside the cache,
-                or another process holds its lock.
+            CacheError: the model is not cached, is a symlink, resolves outside the cache,
+                has no mlxnode.json (another tool's directory), or another process holds
+                its lock.
         """
         paths = self._paths(repo_id)
         if not os.path.lexists(paths.root):
@@ -391,6 +392,12 @@ class ModelCacheManager:
         if paths.root.is_symlink() or not paths.root.is_dir():
             raise CacheError(
                 f"{paths.root} is a symlink or not a directory; refusing to delete it",
+                path=str(paths.root),
+            )
+        if not layout.is_model_dir(paths.root):
+            raise CacheError(
+                f"{paths.root} has no {layout.METADATA_FILE}, so mlxnode did not make it; "
+                "refusing to delete it (remove it by hand if it is yours to delete)",
                 path=str(paths.root),
             )
         layout.ensure_inside(paths.root, self.cache_dir)

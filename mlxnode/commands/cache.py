@@ -27,7 +27,7 @@ CACHE_SECTIONS = ("model", "cache", "logging", "distributed")
 ACTIONS = {
     "list": "List cached models and which ranks each is complete for.",
     "size": "Print the bytes a model (or the whole cache) uses on disk.",
-    "clear": "Delete one cached model, or all of them.",
+    "clear": "Delete one cached model (MODEL, --model or model.name), or --all of them.",
     "prewarm": "Download exactly the files given ranks need.",
     "verify": "Re-hash cached files and report missing or corrupt ones.",
 }
@@ -56,7 +56,13 @@ def _add_size(parser: argparse.ArgumentParser) -> None:
 
 def _add_clear(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); all models if omitted."
+        "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); default: model.name."
+    )
+    parser.add_argument(
+        "--all",
+        dest="all_models",
+        action="store_true",
+        help="Delete every model mlxnode cached (directories holding its mlxnode.json).",
     )
     parser.add_argument("--yes", action="store_true", help="Delete without asking.")
 
@@ -115,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     if action == "size":
         return _size(resolved, args.repo, as_json=args.json)
     if action == "clear":
-        return clear_models(resolved, args.repo, yes=args.yes)
+        return clear_models(resolved, args.repo, all_models=args.all_models, yes=args.yes)
     if action == "prewarm":
         return _prewarm(resolved, args)
     if action == "verify":
@@ -160,12 +166,42 @@ def list_models(resolved: ResolvedConfig, *, as_json: bool = False) -> int:
     return 0
 
 
-def clear_models(resolved: ResolvedConfig, model: str | None = None, *, yes: bool = False) -> int:
-    """Delete one model, or every model, from the cache; never anything outside it.
+def clear_models(
+    resolved: ResolvedConfig,
+    model: str | None = None,
+    *,
+    all_models: bool = False,
+    yes: bool = False,
+) -> int:
+    """Delete one model (`model`, else ``model.name``), or with `all_models` every model.
 
-    Asks on a terminal; refuses without `yes` when stdin is not one.
+    Never anything outside the cache, never a ``--model-path`` directory, never a
+    directory without mlxnode's metadata file. Asks on a terminal; refuses without
+    `yes` when stdin is not one.
+
+    Raises:
+        UsageError: no model and no `all_models`, both, two different models, or
+            ``--model-path`` given.
     """
-    manager = ModelCacheManager.from_config(resolved.config, progress=False)
+    config = resolved.config
+    if _from_cli(resolved, "model.path"):
+        raise UsageError(
+            f"--model-path {config.model.path} is a local model directory, never the cache's "
+            "to delete; give the Hub MODEL (org/name) to clear, or --all"
+        )
+    flag_model = config.model.name if _from_cli(resolved, "model.name") else None
+    if model is not None and flag_model is not None and model != flag_model:
+        raise UsageError(f"two models to clear: {model} and --model {flag_model}; give one")
+    if all_models and (model or flag_model):
+        raise UsageError(f"give a MODEL to clear or --all, not both (got {model or flag_model})")
+    if not all_models:
+        model = model or config.model.name
+        if model is None:
+            raise UsageError(
+                "nothing to clear: give the MODEL (org/name) or set model.name; "
+                "`mlxnode cache clear --all` clears every cached model"
+            )
+    manager = ModelCacheManager.from_config(config, progress=False)
     if model is not None:
         targets = [validate_repo_id(model)]
     else:
@@ -350,6 +386,10 @@ def _verify(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
 
 
 # -- helpers
+
+
+def _from_cli(resolved: ResolvedConfig, key: str) -> bool:
+    return resolved.sources.get(key, "").startswith("cli:")
 
 
 def _ranks(args: argparse.Namespace, strategy: str) -> list[int]:

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clear-cache",
         action="store_true",
-        help="Delete the model from the cache (every cached model if none is given) and exit.",
+        help="Delete the model (--model or model.name) from the cache and exit.",
     )
     parser.add_argument(
         "--yes", action="store_true", help="With --clear-cache: delete without asking."
