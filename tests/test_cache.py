@@ -510,6 +510,48 @@ def test_offline_uses_only_the_cache_and_lists_missing_files(manager, hub, cache
     assert hub.stats.count() == 0
 
 
+def test_the_ref_moves_only_once_the_new_commit_is_complete(hub, cache_dir):
+    """A dry run or a failed prewarm of a new commit leaves offline runs on the old one."""
+    repo = "mlxnode-test/tiny-moving"
+    shutil.copytree(hub.root / TINY_LLAMA, hub.root / repo)
+    rank0 = ["--world-size=4", "--strategy=pipeline", "--rank=0", "--json", "--quiet"]
+    ref = ModelPaths(cache_dir, repo).ref("main")
+
+    def prewarm(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return _cli(hub, cache_dir, "prewarm", repo, *rank0, *args, env=env)
+
+    try:
+        first = prewarm()
+        assert first.returncode == 0, first.stderr
+        old = json.loads(first.stdout)["commit"]
+        config = hub.root / repo / "config.json"
+        config.write_text(config.read_text().replace("{", '{"mlxnode_note": 2, ', 1))
+        new = hub.commit_sha(repo)
+        assert new != old and ref.read_text().strip() == old
+
+        dry = prewarm("--dry-run")
+        assert dry.returncode == 0 and json.loads(dry.stdout)["commit"] == new, dry.stderr
+        assert ref.read_text().strip() == old, "a dry run moved the ref"
+
+        hub.faults.add(f"*{repo}/*/{SHARDS[3]}", "status", status=500, times=None)
+        failed = prewarm(MLXNODE_CACHE_MAX_RETRIES="0")
+        assert failed.returncode == ModelDownloadError.exit_code, failed.stderr
+        assert ref.read_text().strip() == old, "a failed prewarm moved the ref"
+        # The previous commit is whole, so offline use goes on with it.
+        offline = prewarm("--offline")
+        assert offline.returncode == 0, offline.stderr
+        assert json.loads(offline.stdout)["commit"] == old
+        verify = _cli(hub, cache_dir, "verify", repo, *rank0[:-1], "--offline")
+        assert verify.returncode == 0 and json.loads(verify.stdout)["commit"] == old
+
+        hub.faults.clear()
+        done = prewarm()
+        assert done.returncode == 0 and json.loads(done.stdout)["commit"] == new, done.stderr
+        assert ref.read_text().strip() == new
+    finally:
+        shutil.rmtree(hub.root / repo)
+
+
 def test_offline_names_a_truncated_file_with_its_size(manager, hub, cache_dir):
     model = manager.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
     target = model.path / SHARDS[3]
@@ -603,7 +645,10 @@ def test_disk_full_is_reported_before_downloading(hub, small_disk):
     assert not list(small_disk.rglob("*.safetensors")) and not list(
         small_disk.rglob("*.incomplete")
     )
-    assert manager.verify(TINY_LLAMA).missing == SHARDS
+    # Nothing completed, so `main` names no cached commit yet; the commit itself has no weights.
+    with pytest.raises(CacheError, match="not in the cache"):
+        manager.verify(TINY_LLAMA)
+    assert manager.verify(TINY_LLAMA, revision=hub.commit_sha(TINY_LLAMA)).missing == SHARDS
     _grow(small_disk)
     model = manager.ensure_model(TINY_LLAMA)
     assert manager.verify(TINY_LLAMA).ok and set(SHARDS) <= set(model.files)

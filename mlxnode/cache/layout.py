@@ -4,7 +4,7 @@ One directory per model, plain files only, so mlx-lm loads a snapshot directory 
 is and the Ansible fanout mode can rsync single files between hosts::
 
     <cache>/<org>--<name>/snapshots/<commit>/<files>   complete, verified files only
-    <cache>/<org>--<name>/refs/<revision>              -> commit
+    <cache>/<org>--<name>/refs/<revision>              -> the last commit completed
     <cache>/<org>--<name>/mlxnode.json                 sizes, hashes, prewarm records
     <cache>/<org>--<name>/.staging/<commit>/           huggingface_hub's local_dir downloads
     <cache>/.locks/<org>--<name>.lock                  one lock per model
@@ -162,7 +162,7 @@ class ModelPaths:
         return self.snapshot(commit) / check_repo_filename(name, repo_id=self.repo_id)
 
     def read_ref(self, revision: str) -> str | None:
-        """The commit `revision` pointed to when last resolved online, if recorded."""
+        """The commit `revision` named when a prewarm of it last completed, if any."""
         if is_commit(revision):
             return revision
         try:

@@ -273,6 +273,7 @@ class ModelCacheManager:
             )
             metadata.last_used = layout.now()
             layout.write_metadata(paths, metadata)
+            paths.write_ref(revision, commit)
         fetched_bytes = sum(files[f].size or 0 for f in fetched)
         return LocalModel(
             path=paths.snapshot(commit),
@@ -484,7 +485,8 @@ class ModelCacheManager:
                 record.sha256 = old.sha256
         entry.files = files
         entry.resolved_at = layout.now()
-        paths.write_ref(revision, commit)
+        # The ref moves only once a snapshot of `commit` is complete (`ensure_model`): until
+        # then offline runs keep using the previous commit, which is whole.
         layout.write_metadata(paths, metadata)
         return commit, files
 
