@@ -181,6 +181,7 @@ def find_config_file(cwd: Path) -> Path | None:
 def load_config(
     *,
     config_path: str | os.PathLike | None = None,
+    discover: bool = True,
     cwd: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, tuple[Any, str]] | None = None,
@@ -189,7 +190,9 @@ def load_config(
 
     Args:
         config_path: An explicit file (``--config``); it must exist. When None, the
-            first of `CONFIG_FILENAMES` found in `cwd` is used, if any.
+            first of `CONFIG_FILENAMES` found in `cwd` is used, if any and `discover`
+            is true (``--no-config`` makes it false).
+        discover: Look for a config file in `cwd` when `config_path` is None.
         cwd: Directory searched for a config file (default: the working directory).
         environ: Environment to read ``MLXNODE_*`` variables from (default: os.environ).
         overrides: ``{"generation.max_tokens": (64, "--max-tokens")}`` from the CLI;
@@ -203,7 +206,7 @@ def load_config(
     sources: dict[str, str] = {}
     fields = {key: (f, tp) for key, f, tp in iter_fields()}
 
-    path = _pick_file(config_path, cwd or Path.cwd())
+    path = _pick_file(config_path, cwd or Path.cwd()) if config_path or discover else None
     if path is not None:
         for key, raw in _read_file(path, fields).items():
             values[key] = _coerce(raw, fields[key][1], source=str(path), key=key, from_text=False)

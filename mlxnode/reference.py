@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .commands.common import CONFIG_FLAGS
+from .commands.common import CONFIG_FLAGS, ConfigFlag
 from .config import env_var_name, iter_fields
 from .errors import EXIT_CODES
 
 
 def settings_table() -> str:
-    flags = {f.key: " / ".join(f"`{name}`" for name in f.flags) for f in CONFIG_FLAGS}
+    flags = {f.key: " / ".join(f"`{name}`" for name in _names(f)) for f in CONFIG_FLAGS}
     rows = ["| key | env var | flag | default | meaning |", "|---|---|---|---|---|"]
     for key, field, _type in iter_fields():
         default = field.default if field.default is not dataclasses.MISSING else None
@@ -28,6 +28,14 @@ def settings_table() -> str:
             f"| `{json.dumps(default)}` | {meaning} |"
         )
     return "\n".join(rows)
+
+
+def _names(flag: ConfigFlag) -> list[str]:
+    """A flag's spellings, with the `--no-` form argparse adds to a "bool" flag."""
+    names = list(flag.flags)
+    if flag.kind == "bool":
+        names += [f"--no-{name.removeprefix('--')}" for name in flag.flags]
+    return names
 
 
 def exit_codes_table() -> str:

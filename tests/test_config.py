@@ -126,6 +126,22 @@ def test_explicit_config_beats_discovery(tmp_path):
     assert shown["generation.max_tokens"] == {"value": 9, "source": str(other)}
 
 
+def test_no_config_reads_no_file_and_no_offline_beats_the_file(tmp_path):
+    # Another tool's config.yaml where mlxnode happens to run (Ansible runs in $HOME).
+    (tmp_path / "config.yaml").write_text("server:\n  port: 8080\n")
+    assert mlxnode("config", "show", cwd=tmp_path).returncode == 2
+    shown = show(tmp_path, "--no-config")
+    assert shown["model.name"] == {"value": None, "source": "default"}
+    both = mlxnode("config", "show", "--no-config", "--config", "x.yaml", cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text("cache:\n  offline: true\n")
+    assert show(tmp_path, "--config", str(rendered))["cache.offline"]["value"] is True
+    online = show(tmp_path, "--config", str(rendered), "--no-offline")["cache.offline"]
+    assert online == {"value": False, "source": "cli:--offline"}
+
+
 def test_log_level_is_case_insensitive(tmp_path):
     (tmp_path / "config.yaml").write_text("logging: {level: debug}\n")
     assert load_config(cwd=tmp_path, environ={}).config.logging.level == "DEBUG"

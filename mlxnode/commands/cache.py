@@ -16,7 +16,7 @@ from typing import Any
 
 from ..cache import LocalModel, ModelCacheManager, local_model
 from ..cache.hub import human_bytes
-from ..cache.layout import read_metadata, validate_repo_id
+from ..cache.layout import ModelPaths, is_commit, read_metadata, validate_repo_id
 from ..config import ResolvedConfig
 from ..errors import CacheError, UsageError
 from .common import add_config_flags, configure
@@ -284,6 +284,7 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
             "revision": config.model.revision,
             "commit": plan.commit,
             "path": str(plan.path),
+            "ref": _ref_file(manager, repo, config.model.revision),
             **_spec_json(ranks, args, config, plan.plan.split),
             "needed": [
                 {"file": f, "size": plan.sizes.get(f), "cached": f in plan.cached}
@@ -303,6 +304,7 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
             "revision": config.model.revision,
             "commit": model.commit,
             "path": str(model.path),
+            "ref": _ref_file(manager, repo, config.model.revision),
             **_spec_json(ranks, args, config, None),
             "needed": [{"file": f, "size": sizes.get(f)} for f in model.files],
             "needed_bytes": sum(sizes.get(f) or 0 for f in model.files),
@@ -427,9 +429,12 @@ def _spec_json(
     }
 
 
-def _sizes(manager: ModelCacheManager, model: LocalModel) -> dict[str, int | None]:
-    from ..cache.layout import ModelPaths
+def _ref_file(manager: ModelCacheManager, repo: str, revision: str) -> str | None:
+    """The file recording which commit `revision` names; None for a commit (it has none)."""
+    return None if is_commit(revision) else str(ModelPaths(manager.cache_dir, repo).ref(revision))
 
+
+def _sizes(manager: ModelCacheManager, model: LocalModel) -> dict[str, int | None]:
     metadata = read_metadata(ModelPaths(manager.cache_dir, model.repo_id))
     files = metadata.commits[model.commit].files
     return {f: files[f].size if f in files else None for f in model.files}

@@ -20,7 +20,8 @@ class ConfigFlag:
     key: str
     flags: tuple[str, ...]
     help: str
-    kind: str = "value"  # "value", "true" (store True), "false" (store False)
+    # "value"; "true" (store True); "false" (store False); "bool" (--flag / --no-flag)
+    kind: str = "value"
     metavar: str | None = None
 
 
@@ -62,8 +63,9 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
     ConfigFlag(
         "cache.offline",
         ("--offline",),
-        "Use only cached files; never contact the Hub.",
-        kind="true",
+        "Use only cached files; never contact the Hub (--no-offline: do, whatever the "
+        "config file says).",
+        kind="bool",
     ),
     ConfigFlag(
         "cache.force_download",
@@ -134,11 +136,17 @@ def add_config_flags(
     sections: tuple[str, ...] | None = None,
     keys: tuple[str, ...] | None = None,
 ) -> None:
-    """Add `--config` and the flags bound to settings (all, those of `sections`, or `keys`)."""
-    parser.add_argument(
+    """Add `--config`, `--no-config` and the setting flags (all, `sections`, or `keys`)."""
+    files = parser.add_mutually_exclusive_group()
+    files.add_argument(
         "--config",
         metavar="PATH",
         help=f"YAML config file (default: first of {', '.join(cfg.CONFIG_FILENAMES)} here).",
+    )
+    files.add_argument(
+        "--no-config",
+        action="store_true",
+        help="Read no config file, not even one in the working directory.",
     )
     group = parser.add_argument_group("settings (override config file and MLXNODE_* env)")
     for flag in CONFIG_FLAGS:
@@ -149,6 +157,10 @@ def add_config_flags(
         dest = _dest(flag.key)
         if flag.kind == "value":
             group.add_argument(*flag.flags, dest=dest, metavar=flag.metavar, help=flag.help)
+        elif flag.kind == "bool":
+            group.add_argument(
+                *flag.flags, dest=dest, action=argparse.BooleanOptionalAction, help=flag.help
+            )
         else:
             group.add_argument(
                 *flag.flags,
@@ -166,7 +178,11 @@ def resolve_config(args: argparse.Namespace) -> ResolvedConfig:
         value = getattr(args, _dest(flag.key), None)
         if value is not None:
             overrides[flag.key] = (value, flag.flags[0])
-    return load_config(config_path=getattr(args, "config", None), overrides=overrides)
+    return load_config(
+        config_path=getattr(args, "config", None),
+        discover=not getattr(args, "no_config", False),
+        overrides=overrides,
+    )
 
 
 def configure(args: argparse.Namespace) -> ResolvedConfig:
