@@ -423,20 +423,28 @@ def test_memory_weights_all_or_nothing():
         filters.memory_weights(["a", "b"], {"a": {"mlxnode_memory_weight": 1}, "b": {}})
 
 
-def test_layout_args_prefers_split_over_weights():
-    assert filters.layout_args("pipeline", [4, 2, 2], [1, 1, 1]) == [
+def test_layout_keeps_split_over_weights_and_checks_each_entry():
+    assert filters.layout([4, 2, 2], [1, 1, 1], 3) == {"split": [4, 2, 2], "weights": None}
+    assert filters.layout([], [192, "64.5"], 2) == {"split": None, "weights": [192.0, 64.5]}
+    assert filters.layout([], [], 2) == {"split": None, "weights": None}
+    for split, message in (([2, 1, 1], "3 entries for 2 hosts"), ([4, 0], "positive int")):
+        with pytest.raises(filters.AnsibleFilterError, match=message):
+            filters.layout(split, [], 2)
+
+
+def test_layout_args_say_exactly_what_the_config_says():
+    weights = [34358465949.0, 34358546518.0, 34357273877.0, 0.1 + 0.2]
+    args = filters.layout_args({"strategy": "pipeline", "split": None, "weights": weights})
+    assert args[:3] == ["--strategy", "pipeline", "--weights"]
+    # Every weight parses back to the same float: a rounded one can move a layer.
+    assert [float(w) for w in args[3].split(",")] == weights
+    assert filters.layout_args({"strategy": "pipeline", "split": [4, 2, 2], "weights": None}) == [
         "--strategy",
         "pipeline",
         "--split",
         "4,2,2",
     ]
-    assert filters.layout_args("pipeline", [], [192, 64.5]) == [
-        "--strategy",
-        "pipeline",
-        "--weights",
-        "192,64.5",
-    ]
-    assert filters.layout_args("tensor") == ["--strategy", "tensor"]
+    assert filters.layout_args({"strategy": "tensor"}) == ["--strategy", "tensor"]
 
 
 def test_rsync_reaches_hosts_the_way_ansible_does():

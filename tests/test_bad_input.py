@@ -565,7 +565,7 @@ PLAYBOOK = """\
         msg: "{{ order | mlxnode_hostfile(hostvars) }} {{ layout }}"
       vars:
         order: "{{ groups['mlx_cluster'] | mlxnode_rank_order(hostvars) }}"
-        layout: "{{ 'pipeline' | mlxnode_layout_args(mlxnode_split | default([]),
+        layout: "{{ mlxnode_split | default([]) | mlxnode_layout(
                     order | mlxnode_memory_weights(hostvars), order | length) }}"
 """
 

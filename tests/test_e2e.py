@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,38 @@ VENV_BIN = Path(sys.executable).parent
 NAME, SUBNET = session_testbed("a")
 MODEL = "mlxnode-test/tiny-llama"
 SPLIT = [4, 2, 2]  # uneven on purpose: rank 0 holds layers 4-7, rank 1 2-3, rank 2 0-1
+HOSTS = ("h1", "h2", "h3")
+METADATA = {
+    "config.json",
+    "model.safetensors.index.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def _shards(*numbers: int, of: int) -> set[str]:
+    return {f"model-{k:05d}-of-{of:05d}.safetensors" for k in numbers}
+
+
+# Written out by hand, not computed by mlxnode: tiny-llama's shard k holds layers 2k-2 and
+# 2k-1, the embeddings sit in shard 1 and the final norm and head in shard 4; every rank
+# needs both (mlx-lm computes the logits on every rank).
+NEEDED = {
+    0: METADATA | _shards(1, 3, 4, of=4),  # layers 4-7
+    1: METADATA | _shards(1, 2, 4, of=4),  # layers 2-3
+    2: METADATA | _shards(1, 4, of=4),  # layers 0-1
+}
+# 64 layers, one a file (embeddings in file 1, head in file 64), split by memory weights
+# equal to 4 significant digits: any rounding of them moves a layer, and so a file.
+WIDE = "mlxnode-test/tiny-wide"
+MEMORY = [34358465949, 34358546518, 34357273877]
+WIDE_SPLIT = [21, 22, 21]  # rank 0 holds layers 43-63, rank 1 21-42, rank 2 0-20
+WIDE_NEEDED = {
+    0: METADATA | _shards(1, *range(44, 65), of=64),
+    1: METADATA | _shards(1, *range(22, 44), 64, of=64),
+    2: METADATA | _shards(*range(1, 22), 64, of=64),
+}
 PROMPT = "The morning train left the station"
 MAX_TOKENS = 12
 RECAP = re.compile(
@@ -80,9 +113,15 @@ class Cluster:
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    def snapshot_files(self, host: str) -> set[str]:
-        out = self.ssh(host, "ls ~/.cache/mlx_models/*/snapshots/*/ 2>/dev/null || true")
+    def snapshot_files(self, host: str, model: str = MODEL) -> set[str]:
+        folder = model.replace("/", "--")
+        out = self.ssh(host, f"ls ~/.cache/mlx_models/{folder}/snapshots/*/ 2>/dev/null || true")
         return set(out.split())
+
+    def forget(self, model: str = MODEL) -> None:
+        """Delete `model` from every host's cache."""
+        for host in HOSTS:
+            self.ssh(host, f"rm -rf ~/.cache/mlx_models/{model.replace('/', '--')}")
 
 
 @dataclass
@@ -147,25 +186,14 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         bed.down()
 
 
-def _needed(cluster: Cluster, rank: int) -> set[str]:
-    from mlxnode.sharding import files_for_layers, layer_range
-
-    repo = cluster.hub_root / MODEL
-    index = json.loads((repo / "model.safetensors.index.json").read_text())
-    start, end = layer_range(8, rank, 3, split=SPLIT)
-    weights = files_for_layers(index["weight_map"], start, end)
-    others = {p.name for p in repo.iterdir() if not p.name.endswith(".safetensors")}
-    return weights | others
-
-
 def test_site_deploys_from_the_wheelhouse_and_prewarms_each_rank_its_files(cluster):
     play = cluster.site.check()
     print(f"\nfirst site.yml: {play.seconds:.1f} s")
     recap = play.recap()
     assert set(recap) == {"h1", "h2", "h3"} and all(r["failed"] == 0 for r in recap.values())
-    for rank, host in enumerate(("h1", "h2", "h3")):
+    for rank, host in enumerate(HOSTS):
         held = cluster.snapshot_files(host)
-        assert held == _needed(cluster, rank), f"{host} (rank {rank}) holds {sorted(held)}"
+        assert held == NEEDED[rank], f"{host} (rank {rank}) holds {sorted(held)}"
         # Installed from the copied wheelhouse with --no-index: the hosts have no index.
         wheels = cluster.ssh(host, "ls ~/.mlxnode/wheelhouse")
         assert "requirements.lock" in wheels and "mlxnode-" in wheels
@@ -245,7 +273,7 @@ def test_a_failed_rank_fails_the_play_and_its_logs_still_come_back(cluster):
 def test_health_passes_then_names_the_host_missing_a_file(cluster):
     play = cluster.playbook("health.yml").check()
     assert "All 3 hosts are ready" in play.output
-    missing = sorted(f for f in _needed(cluster, 1) if f.endswith(".safetensors"))[0]
+    missing = sorted(f for f in NEEDED[1] if f.endswith(".safetensors"))[0]
     cluster.ssh("h2", f"rm ~/.cache/mlx_models/*/snapshots/*/{missing}")
     try:
         play = cluster.playbook("health.yml")
@@ -258,23 +286,96 @@ def test_health_passes_then_names_the_host_missing_a_file(cluster):
         cluster.playbook("prewarm.yml").check()
 
 
+@contextmanager
+def _stray_configs(cluster: Cluster) -> Iterator[None]:
+    """A config.yaml in each host's home directory (where Ansible runs commands), not ours."""
+    strays = {
+        "h1": "server:\n  port: 8080\n",  # another tool's: mlxnode would refuse it, exit 2
+        "h2": "distributed:\n  split: [1, 1, 6]\n",  # would move rank 1's layers
+        "h3": "distributed:\n  strategy: tensor\n",  # would fetch every file
+    }
+    for host, text in strays.items():
+        cluster.ssh(host, f"printf '{text}' > ~/config.yaml")
+    try:
+        yield
+    finally:
+        for host in strays:
+            cluster.ssh(host, "rm -f ~/config.yaml")
+
+
+def test_a_stray_config_yaml_in_the_home_directory_is_never_read(cluster):
+    with _stray_configs(cluster):
+        cluster.forget()
+        cluster.playbook("prewarm.yml").check()
+        for rank, host in enumerate(HOSTS):
+            assert cluster.snapshot_files(host) == NEEDED[rank], host
+        assert "All 3 hosts are ready" in cluster.playbook("health.yml").check().output
+
+
+def test_memory_weights_give_the_prewarm_and_the_run_the_same_split(cluster):
+    from mlxnode.testing.tiny_model import make_tiny_model
+
+    make_tiny_model(cluster.hub_root / WIDE, arch="llama", num_layers=64, num_shards=64)
+    layout = (
+        "-e",
+        json.dumps({"mlxnode_model": WIDE, "mlxnode_split": [], "mlxnode_weights": MEMORY}),
+    )
+    try:
+        cluster.playbook("configure.yml", *layout).check()
+        for mode in ("direct", "fanout"):
+            cluster.forget(WIDE)
+            cluster.playbook("prewarm.yml", *layout, "-e", f"mlxnode_cache_mode={mode}").check()
+            for rank, host in enumerate(HOSTS):
+                held = cluster.snapshot_files(host, WIDE)
+                assert held == WIDE_NEEDED[rank], (mode, host, sorted(held ^ WIDE_NEEDED[rank]))
+        # Offline, as every run is: it needs exactly the files the prewarm fetched.
+        run_id = "e2e-memory-weights"
+        extra = {
+            "prompt": PROMPT,
+            "run_id": run_id,
+            "mlxnode_run_args": ["--max-tokens", "4", "--no-chat-template"],
+        }
+        cluster.playbook("run.yml", "-e", json.dumps(extra)).check()
+        metrics = json.loads((cluster.work / "logs" / run_id / "h1" / "metrics.json").read_text())
+        assert metrics["split"] == WIDE_SPLIT
+    finally:
+        cluster.playbook("configure.yml").check()
+        cluster.forget(WIDE)
+
+
 def test_fanout_fetches_every_file_from_the_hub_once(cluster):
-    for host in ("h1", "h2", "h3"):
-        cluster.ssh(host, "rm -rf ~/.cache/mlx_models")
+    cluster.forget()
     shutil.rmtree(cluster.work / "controller-cache", ignore_errors=True)
     cluster.hub.stats.reset()
-    play = cluster.playbook("prewarm.yml", "-e", "mlxnode_cache_mode=fanout").check()
+    with _stray_configs(cluster):
+        play = cluster.playbook("prewarm.yml", "-e", "mlxnode_cache_mode=fanout").check()
     repo = cluster.hub_root / MODEL
     for path in repo.iterdir():
         assert cluster.hub.stats.file_gets(f"*/{path.name}") == 1, path.name
     total = sum(p.stat().st_size for p in repo.iterdir())
     assert cluster.hub.stats.file_bytes() == total
-    for rank, host in enumerate(("h1", "h2", "h3")):
-        assert cluster.snapshot_files(host) == _needed(cluster, rank)
+    for rank, host in enumerate(HOSTS):
+        assert cluster.snapshot_files(host) == NEEDED[rank]
     assert "fanout mode" in play.output
     # A rerun pushes nothing.
     again = cluster.playbook("prewarm.yml", "-e", "mlxnode_cache_mode=fanout").check()
     assert all(r["changed"] == 0 for r in again.recap().values())
+
+
+def test_fanout_takes_a_commit_as_the_revision(cluster):
+    pinned = ("-e", f"mlxnode_model_revision={cluster.hub.commit_sha(MODEL)}")
+    cluster.forget()
+    try:
+        cluster.playbook("configure.yml", *pinned).check()
+        cluster.playbook("prewarm.yml", *pinned, "-e", "mlxnode_cache_mode=fanout").check()
+        for rank, host in enumerate(HOSTS):
+            assert cluster.snapshot_files(host) == NEEDED[rank]
+            # A commit names itself: no ref is written, or pushed.
+            assert cluster.ssh(host, "ls ~/.cache/mlx_models/*/refs 2>/dev/null || true") == ""
+        assert "All 3 hosts are ready" in cluster.playbook("health.yml", *pinned).check().output
+    finally:
+        cluster.playbook("configure.yml").check()
+        cluster.playbook("prewarm.yml").check()  # `main` points at the commit again
 
 
 @pytest.mark.skipif(not (VENV_BIN / "molecule").exists(), reason="molecule is not installed")

@@ -171,31 +171,26 @@ def memory_weights(order: Sequence[str], hostvars: Mapping[str, Mapping[str, Any
     return weights
 
 
-def layout_args(
-    strategy: str,
-    split: Iterable[Any] | None = None,
-    weights: Iterable[Any] | None = None,
-    world_size: int | None = None,
-) -> list[str]:
-    """The `--strategy/--split/--weights` flags mlxnode takes, as an argv fragment.
+def layout(
+    split: Iterable[Any] | None, weights: Iterable[Any] | None, world_size: int
+) -> dict[str, list[Any] | None]:
+    """The ``split`` and ``weights`` a host's config.yaml gets: one of them, or neither.
+
+    Computed once, in mlxnode_config, and only read back afterwards: the prewarm and the
+    run both take them from the rendered file, so they cannot split the layers apart.
 
     Raises:
-        AnsibleFilterError: an entry is not a positive number, or (given `world_size`)
-            there is not one entry per host. The layer count is checked by mlxnode itself.
+        AnsibleFilterError: an entry is not a positive number, or there is not one entry
+            per host. The layer count is checked by mlxnode itself.
     """
-    args = ["--strategy", str(strategy)]
     split = [_positive("mlxnode_split", s, int) for s in (split or [])]
     weights = [_positive("mlxnode_weights", w, float) for w in (weights or [])]
     for var, values in (("mlxnode_split", split), ("mlxnode_weights", weights)):
-        if values and world_size is not None and len(values) != int(world_size):
+        if values and len(values) != int(world_size):
             raise AnsibleFilterError(
                 f"{var} has {len(values)} entries for {world_size} hosts; give one per host"
             )
-    if split:
-        args += ["--split", ",".join(map(str, split))]
-    elif weights:
-        args += ["--weights", ",".join(f"{w:g}" for w in weights)]
-    return args
+    return {"split": split or None, "weights": None if split else (weights or None)}
 
 
 def _positive(var: str, value: Any, kind: type) -> Any:
@@ -208,6 +203,28 @@ def _positive(var: str, value: Any, kind: type) -> Any:
             f"{var}: every entry must be a positive {kind.__name__}, got {value!r}"
         )
     return number
+
+
+def layout_args(distributed: Mapping[str, Any]) -> list[str]:
+    """The `--strategy/--split/--weights` flags that say what a host's config.yaml says.
+
+    `distributed` is the ``distributed`` section of a config.yaml mlxnode already checked;
+    a weight is written so it parses back to the very same float, so a command given these
+    flags splits the layers exactly as a run reading the file does.
+    """
+    args = []
+    if distributed.get("strategy"):
+        args += ["--strategy", str(distributed["strategy"])]
+    if distributed.get("split"):
+        args += ["--split", ",".join(str(int(s)) for s in distributed["split"])]
+    elif distributed.get("weights"):
+        args += ["--weights", ",".join(_exact(float(w)) for w in distributed["weights"])]
+    return args
+
+
+def _exact(number: float) -> str:
+    """The shortest text that parses back to `number` (`f"{w:g}"` keeps only 6 digits)."""
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def rsync_ssh(hv: Mapping[str, Any]) -> str:
@@ -393,6 +410,7 @@ class FilterModule:
             "mlxnode_host_rank": host_rank,
             "mlxnode_hostfile": hostfile,
             "mlxnode_memory_weights": memory_weights,
+            "mlxnode_layout": layout,
             "mlxnode_layout_args": layout_args,
             "mlxnode_rsync_ssh": rsync_ssh,
             "mlxnode_rsync_target": rsync_target,
