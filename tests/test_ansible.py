@@ -7,6 +7,7 @@ mlx.launch's hostfile parser, and plistlib for the macOS LaunchDaemon.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -46,6 +47,15 @@ def _ansible_env(tmp_path: Path) -> dict[str, str]:
         ANSIBLE_FORCE_COLOR="0",
     )
     return env
+
+
+def _solo_inventory(tmp_path: Path, **group_vars: object) -> Path:
+    """A one-host inventory ("solo", this machine) with `group_vars` for the cluster."""
+    inventory = tmp_path / "hosts.yml"
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    cluster = {"hosts": {"solo": {}}, "vars": {**local, **group_vars}}
+    inventory.write_text(yaml.safe_dump({"mlx_cluster": cluster}))
+    return inventory
 
 
 def _load_filters():
@@ -206,7 +216,7 @@ SAMPLE_INVENTORY = {
 }
 
 
-def _render_playbook(out: Path, backend: str) -> str:
+def _render_playbook(out: Path) -> str:
     roles = ROOT / "roles"
     return textwrap.dedent(
         f"""\
@@ -216,8 +226,6 @@ def _render_playbook(out: Path, backend: str) -> str:
           gather_facts: true
           vars:
             out: "{out}"
-            mlxnode_backend: {backend}
-            mlxnode_venv_dir: /opt/mlxnode/venv
           tasks:
             - name: Load the roles' defaults and vars as the roles would.
               ansible.builtin.include_vars:
@@ -257,12 +265,17 @@ def _render_playbook(out: Path, backend: str) -> str:
     )
 
 
-def _render(tmp_path: Path, backend: str = "ring") -> Path:
+def _render(tmp_path: Path, backend: str = "ring", *, inventory: Path | None = None) -> Path:
+    """Render every template for `inventory` (default: the sample one, on `backend`)."""
     out = tmp_path / "out"
-    inventory = tmp_path / "hosts.yml"
-    inventory.write_text(yaml.safe_dump(SAMPLE_INVENTORY))
+    if inventory is None:
+        inventory = tmp_path / "hosts.yml"
+        cluster = SAMPLE_INVENTORY["all"]["children"]["mlx_cluster"]
+        sample = {**cluster, "vars": {**cluster["vars"], "mlxnode_backend": backend,
+                                      "mlxnode_venv_dir": "/opt/mlxnode/venv"}}  # fmt: skip
+        inventory.write_text(yaml.safe_dump({"mlx_cluster": sample}))
     playbook = tmp_path / "render.yml"
-    playbook.write_text(_render_playbook(out, backend))
+    playbook.write_text(_render_playbook(out))
     proc = subprocess.run(
         [_tool("ansible-playbook"), "-i", str(inventory), str(playbook)],
         cwd=ROOT,
@@ -300,6 +313,60 @@ def test_config_yaml_loads_with_mlxnodes_config_loader(rendered):
         assert cfg.distributed.split is None
         assert cfg.distributed.weights == [192.0, 96.0, 64.0]
         assert resolved.sources["model.name"] == str(path)
+
+
+# Settings the roles deliberately set apart from mlxnode's defaults, and why.
+CLUSTER_CHOICES = {
+    "model.name": "org/only-the-model",  # the one variable the inventory below sets
+    "cache.offline": True,  # a run uses only what the prewarm cached, never waits on the Hub
+}
+
+
+def test_role_defaults_are_mlxnodes_own_defaults(tmp_path):
+    """One source of truth: what the roles render when the inventory sets nothing."""
+    from mlxnode.config import Config, load_config
+
+    inventory = _solo_inventory(tmp_path, mlxnode_model=CLUSTER_CHOICES["model.name"])
+    out = _render(tmp_path, inventory=inventory) / "solo"
+
+    def flat(config: Config) -> dict:
+        return {
+            f"{section}.{key}": value
+            for section, values in dataclasses.asdict(config).items()
+            for key, value in values.items()
+        }
+
+    defaults = flat(Config())
+    rendered = flat(load_config(config_path=out / "config.yaml", environ={}).config)
+    drift = {
+        key: (value, defaults[key])
+        for key, value in rendered.items()
+        if value != CLUSTER_CHOICES.get(key, defaults[key])
+    }
+    assert drift == {}, f"role defaults that differ from mlxnode/config.py (role, python): {drift}"
+    # The other roles' defaults that mirror one of mlxnode's, with no inventory variable set.
+    from mlxnode import preflight
+
+    others = {
+        ("mlxnode_cache", "mlxnode_cache_dir"): defaults["cache.dir"],
+        ("mlxnode_cache", "mlxnode_cache_revision"): defaults["model.revision"],
+        ("mlxnode_run", "mlxnode_run_backend"): defaults["distributed.backend"],
+        ("mlxnode_run", "mlxnode_run_connect_timeout"): preflight.DEFAULT_CONNECT_TIMEOUT,
+    }
+    drift = {
+        var: (role_value, value)
+        for (role, var), value in others.items()
+        if (role_value := yaml.safe_load(_role_default(role, var))) != value
+    }
+    assert drift == {}, f"role defaults that differ from mlxnode's (role, python): {drift}"
+
+
+def _role_default(role: str, name: str) -> str:
+    """A role default as Jinja renders it when the inventory sets nothing it falls back on."""
+    import jinja2
+
+    raw = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text())[name]
+    return jinja2.Environment().from_string(str(raw)).render()
 
 
 def test_hostfile_is_what_mlx_launch_parses(rendered):
