@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import sys
@@ -480,6 +481,52 @@ def test_bad_ranks_fail_the_play_with_the_message(tmp_path):
     )
     assert proc.returncode != 0
     assert "rank 0 is claimed by a, b" in proc.stdout + proc.stderr
+
+
+RUN_IDS = ["20260101T000000Z-1a2b", "e2e-greedy", "a", "A.b_c-9", "x" * 128, "x" * 129,
+           "../..", "..", ".hidden", "-x", "a/b", "a b", "a;rm", "", "ü", "a\tb",
+           "$(id)"]  # fmt: skip
+
+
+def test_run_ids_are_checked_by_the_launchers_rule():
+    from mlxnode.errors import UsageError
+    from mlxnode.launcher import check_run_id
+
+    for candidate in RUN_IDS:
+        try:
+            check_run_id(candidate)
+            launcher_accepts = True
+        except UsageError:
+            launcher_accepts = False
+        try:
+            filters.run_id(candidate)
+            filter_accepts = True
+        except filters.AnsibleFilterError as e:
+            filter_accepts = False
+            assert repr(candidate) in str(e)
+        assert filter_accepts == launcher_accepts, candidate
+
+
+@pytest.mark.parametrize("playbook", ["collect_logs.yml", "run.yml"])
+def test_a_bad_run_id_is_refused_before_any_path_uses_it(tmp_path, playbook):
+    home = tmp_path / "home"
+    (home / ".mlxnode" / "runs").mkdir(parents=True)
+    (home / "notes.json").write_text("{}")  # what ../.. would reach from the runs directory
+    logs = tmp_path / "ctl" / "logs"
+    inventory = _solo_inventory(
+        tmp_path, mlxnode_venv_dir=str(home / ".mlxnode" / "venv"), mlxnode_run_logs_dir=str(logs)
+    )
+    proc = subprocess.run(
+        [_tool("ansible-playbook"), "-i", str(inventory), str(ROOT / "playbooks" / playbook),
+         "-e", json.dumps({"run_id": "../..", "prompt": "hi"})],
+        cwd=ROOT, capture_output=True, text=True, env=_ansible_env(tmp_path),
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    # The run role's own check quotes the id as JSON, the filter as Python.
+    assert re.search(r"""run id ["']\.\./\.\.["']: use letters, digits""", output), output[-4000:]
+    assert not (tmp_path / "ctl").exists() and not (tmp_path / "solo").exists()
+    assert sorted(p.name for p in home.iterdir()) == [".mlxnode", "notes.json"]
 
 
 def test_memory_weights_all_or_nothing():

@@ -7,6 +7,7 @@ import this module directly.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,9 @@ except ImportError:  # imported by the tests without Ansible on the path
         pass
 
 
+# The launcher's rule for run ids (mlxnode/launcher.py): a run id names a directory on every
+# host and is part of a process pattern. tests/test_ansible.py checks both accept the same ids.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RANK_VAR = "mlxnode_rank"
 MLX_IP_VAR = "mlxnode_mlx_ip"
 WEIGHT_VAR = "mlxnode_memory_weight"
@@ -80,6 +84,21 @@ def rank_order(hosts: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]]) 
             f"Ranks must be 0..{len(hosts) - 1}, each used once"
         )
     return [by_rank[r][0] for r in range(len(hosts))]
+
+
+def run_id(value: Any) -> str:
+    """`value` if it is a usable run id (checked before it is used in any path).
+
+    Raises:
+        AnsibleFilterError: it holds anything but letters, digits, '.', '_' and '-'.
+    """
+    text = str(value)
+    if not RUN_ID.fullmatch(text):
+        raise AnsibleFilterError(
+            f"run id {text!r}: use letters, digits, '.', '_' and '-' (at most 128), "
+            "starting with a letter or digit"
+        )
+    return text
 
 
 def host_rank(host: str, hosts: Sequence[str], hostvars: Mapping[str, Mapping[str, Any]]) -> int:
@@ -408,6 +427,7 @@ class FilterModule:
         return {
             "mlxnode_rank_order": rank_order,
             "mlxnode_host_rank": host_rank,
+            "mlxnode_run_id": run_id,
             "mlxnode_hostfile": hostfile,
             "mlxnode_memory_weights": memory_weights,
             "mlxnode_layout": layout,
