@@ -15,18 +15,25 @@ from mlxnode import sharding
 from mlxnode.errors import UsageError
 
 NUM_LAYERS = 8
-# (world size, split); None is mlx-lm's even split.
+# The tiny qwen2's four files: file k holds layers 2k-2 and 2k-1; the embeddings sit in the
+# first, the final norm and lm_head in the last, so every pipeline rank needs both.
+F1, F2, F3, F4 = (f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5))
+# (world size, split, per rank: its layers [start, end) and the files that hold exactly
+# them plus the non-layer weights). Written out by hand; None is mlx-lm's even split.
 SPLITS = [
-    (2, None),
-    (3, None),
-    (4, None),
-    (2, [5, 3]),
-    (2, [1, 7]),
-    (3, [3, 3, 2]),
-    (3, [1, 6, 1]),
-    (4, [2, 1, 4, 1]),
-    (4, [1, 1, 1, 5]),
-]
+    (2, None, [((4, 8), {F1, F3, F4}), ((0, 4), {F1, F2, F4})]),
+    (3, None, [((5, 8), {F1, F3, F4}), ((2, 5), {F1, F2, F3, F4}), ((0, 2), {F1, F4})]),
+    (4, None, [((6, 8), {F1, F4}), ((4, 6), {F1, F3, F4}), ((2, 4), {F1, F2, F4}),
+               ((0, 2), {F1, F4})]),
+    (2, [5, 3], [((3, 8), {F1, F2, F3, F4}), ((0, 3), {F1, F2, F4})]),
+    (2, [1, 7], [((7, 8), {F1, F4}), ((0, 7), {F1, F2, F3, F4})]),
+    (3, [3, 3, 2], [((5, 8), {F1, F3, F4}), ((2, 5), {F1, F2, F3, F4}), ((0, 2), {F1, F4})]),
+    (3, [1, 6, 1], [((7, 8), {F1, F4}), ((1, 7), {F1, F2, F3, F4}), ((0, 1), {F1, F4})]),
+    (4, [2, 1, 4, 1], [((6, 8), {F1, F4}), ((5, 6), {F1, F3, F4}), ((1, 5), {F1, F2, F3, F4}),
+                       ((0, 1), {F1, F4})]),
+    (4, [1, 1, 1, 5], [((7, 8), {F1, F4}), ((6, 7), {F1, F4}), ((5, 6), {F1, F3, F4}),
+                       ((0, 5), {F1, F2, F3, F4})]),
+]  # fmt: skip
 
 
 class FakeGroup:
@@ -62,26 +69,29 @@ def _pipelined(model_dir: Path, rank: int, size: int, split: list[int] | None):
     return model
 
 
-@pytest.mark.parametrize(("size", "split"), SPLITS)
-def test_layer_range_matches_mlx_lm_pipeline(qwen2_dir: Path, size: int, split: list[int] | None):
-    for rank in range(size):
-        model = _pipelined(qwen2_dir, rank, size, split)
-        expected = (model.model.start_idx, model.model.end_idx)
-        assert sharding.layer_range(NUM_LAYERS, rank, size, split=split) == expected
-
-
-@pytest.mark.parametrize(("size", "split"), SPLITS)
-def test_rank_files_hold_every_weight_mlx_lm_keeps(
-    qwen2_dir: Path, weight_map: dict[str, str], size: int, split: list[int] | None
+@pytest.mark.parametrize(("size", "split", "ranks"), SPLITS)
+def test_layer_range_matches_mlx_lm_pipeline(
+    qwen2_dir: Path, size: int, split: list[int] | None, ranks: list
 ):
-    for rank in range(size):
+    for rank, (layers, _files) in enumerate(ranks):
+        model = _pipelined(qwen2_dir, rank, size, split)
+        assert (model.model.start_idx, model.model.end_idx) == layers
+        assert sharding.layer_range(NUM_LAYERS, rank, size, split=split) == layers
+
+
+@pytest.mark.parametrize(("size", "split", "ranks"), SPLITS)
+def test_rank_files_are_exactly_what_mlx_lm_keeps(
+    qwen2_dir: Path, weight_map: dict[str, str], size: int, split: list[int] | None, ranks: list
+):
+    assert set(weight_map.values()) == {F1, F2, F3, F4}, "the layout these cases assume"
+    for rank, ((start, end), expected) in enumerate(ranks):
+        files = sharding.files_for_layers(weight_map, start, end)
+        assert files == expected, (rank, sorted(files))
         model = _pipelined(qwen2_dir, rank, size, split)
         kept = {key for key, _ in tree_flatten(model.parameters())}
-        start, end = sharding.layer_range(NUM_LAYERS, rank, size, split=split)
-        files = sharding.files_for_layers(weight_map, start, end)
         assert kept <= set(weight_map), "tiny qwen2 keeps checkpoint names unchanged"
-        assert {weight_map[k] for k in kept} <= files
-        # ... and nothing more than those layers plus the non-layer weights.
+        # The files hold every weight mlx-lm keeps for the rank, and each of them is needed.
+        assert {weight_map[k] for k in kept} == expected
         layers = {sharding.layer_of_key(k) for k in kept} - {None}
         assert layers == set(range(start, end))
 
