@@ -54,7 +54,7 @@ DEFAULT_LOCK_FILE = "~/.mlxnode/cluster.lock"
 DEFAULT_RUNS_DIR = "~/.mlxnode/runs"
 # The prompts given as words, written for rank 0 (mode 0600): never in a command line.
 PROMPTS_FILE = "prompts.launch.jsonl"
-DEFAULT_TIMEOUT = 3600.0
+DEFAULT_TIMEOUT = 1800.0
 # Once a rank has failed, mlx.launch stops the others itself; give it this long before
 # stopping it (it waits minutes on an ssh to a host that dropped off the network).
 STOP_GRACE_SECONDS = 5.0
@@ -77,7 +77,7 @@ _STOPPED = -int(signal.SIGTERM)
 STDOUT_LOG = "launcher.stdout.log"
 STDERR_LOG = "launcher.stderr.log"
 # Run ids become directory names and part of a pkill pattern.
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -182,7 +182,7 @@ def check_run_id(run_id: str) -> str:
     Raises:
         UsageError: it has other characters than letters, digits, '.', '_' and '-'.
     """
-    if not _RUN_ID.match(run_id):
+    if not _RUN_ID.fullmatch(run_id):  # fullmatch: "$" would let a trailing newline in
         raise UsageError(
             f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128), "
             "starting with a letter or digit"

@@ -346,13 +346,14 @@ def test_role_defaults_are_mlxnodes_own_defaults(tmp_path):
     }
     assert drift == {}, f"role defaults that differ from mlxnode/config.py (role, python): {drift}"
     # The other roles' defaults that mirror one of mlxnode's, with no inventory variable set.
-    from mlxnode import preflight
+    from mlxnode import launcher, preflight
 
     others = {
         ("mlxnode_cache", "mlxnode_cache_dir"): defaults["cache.dir"],
         ("mlxnode_cache", "mlxnode_cache_revision"): defaults["model.revision"],
         ("mlxnode_run", "mlxnode_run_backend"): defaults["distributed.backend"],
         ("mlxnode_run", "mlxnode_run_connect_timeout"): preflight.DEFAULT_CONNECT_TIMEOUT,
+        ("mlxnode_run", "mlxnode_run_timeout"): launcher.DEFAULT_TIMEOUT,
     }
     drift = {
         var: (role_value, value)
@@ -485,7 +486,7 @@ def test_bad_ranks_fail_the_play_with_the_message(tmp_path):
 
 RUN_IDS = ["20260101T000000Z-1a2b", "e2e-greedy", "a", "A.b_c-9", "x" * 128, "x" * 129,
            "../..", "..", ".hidden", "-x", "a/b", "a b", "a;rm", "", "ü", "a\tb",
-           "$(id)"]  # fmt: skip
+           "$(id)", "abc\n"]  # fmt: skip
 
 
 def test_run_ids_are_checked_by_the_launchers_rule():

@@ -625,7 +625,9 @@ def small_disk(tmp_path: Path):
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        from conftest import require
+
+        require(reason=f"a tmpfs mount ({done.stderr.decode().strip()})")
     try:
         yield mount
     finally:

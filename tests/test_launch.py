@@ -189,7 +189,7 @@ def test_rank_pattern_matches_only_this_runs_ranks(cmdline, matches):
     assert bool(re.search(rank_pattern("r1"), cmdline)) is matches
 
 
-@pytest.mark.parametrize("run_id", ["", "-x", "a b", "a;b", "a/b", "x" * 129])
+@pytest.mark.parametrize("run_id", ["", "-x", "a b", "a;b", "a/b", "x" * 129, "abc\n"])
 def test_run_ids_that_cannot_be_a_directory_or_pattern_are_refused(run_id):
     from mlxnode.errors import UsageError
     from mlxnode.launcher import check_run_id
