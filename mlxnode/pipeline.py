@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from . import distributed
 from .errors import ModelLoadError
 from .sharding import layer_range
+
+logger = logging.getLogger(__name__)
 
 # Attributes every nn.Module sets for itself; not copied onto placeholders.
 _MODULE_INTERNALS = ("_no_grad", "_training")
@@ -228,6 +231,8 @@ def apply_pipeline(
         if point_to_point
         else {layer_range(len(layers), k, size, split=split)[0]: k + 1 for k in range(size - 1)}
     )
+    if relays and rank == 0:
+        logger.info("pipeline hops: all-sums over the group (no send/recv on this backend)")
     for index, layer in enumerate(layers):
         local = start <= index < end
         recv_from = rank + 1 if index == start and rank < size - 1 else None
