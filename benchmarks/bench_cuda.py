@@ -231,6 +231,8 @@ def main() -> None:
                 )
             command = " ".join(argv)
             res = _run(argv)
+            if tool == "mlxnode" and res["rc"] == 0 and not metrics.exists():
+                res["rc"] = -1  # mlx.launch exits 0 even when its ranks failed
             if res["rc"] != 0:
                 errors.append({"rc": res["rc"], "stderr_tail": res["stderr_tail"]})
                 print(f"{name}: rc {res['rc']}\n{res['stderr_tail']}", flush=True)
