@@ -1,8 +1,14 @@
 """The distributed group: joining it, and the few small collectives the engine needs.
 
-Everything here runs on the CPU stream, because it moves a handful of bytes
-(prompts from rank 0, per-rank statistics) and must not queue behind model work. Each such
-collective first checks that every rank is at the same step (see `_agree`).
+These collectives move a handful of bytes (prompts from rank 0, per-rank statistics). On
+ring, jaccl and mpi they run on the CPU stream, so they never queue behind model work; NCCL
+serves only GPU streams, so there they run on the default (GPU) stream. `join_group`
+remembers which (`control_stream`). Each such collective first checks that every rank is at
+the same step (see `_agree`).
+
+NCCL in MLX 0.32 also has no point-to-point send/recv (`Send has no CUDA implementation`);
+`point_to_point` says whether the joined backend has them, so the pipeline can build its hops
+from collectives instead.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import logging
 import os
 import socket
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .errors import DistributedSetupError
+from .errors import DistributedSetupError, UsageError
 from .logs import env_rank, set_rank
 
 logger = logging.getLogger(__name__)
@@ -29,6 +36,53 @@ FULL_MESH_BACKENDS = ("jaccl", "mpi", "nccl")
 # Environment variables a launcher sets when it starts more than one rank.
 _LAUNCHER_ENV = ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")
 _SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")
+
+# Backends whose collectives run only on a GPU stream (and which have no send/recv in MLX 0.32).
+GPU_STREAM_BACKENDS = ("nccl",)
+
+# Test and debugging knob: "collective" makes the pipeline pass hidden states with collectives
+# also on backends that have send/recv (so that path runs on CPU-only ring ranks); "send"
+# forces send/recv. Unset: whatever the backend supports.
+HOPS_ENV = "MLXNODE_PIPELINE_HOPS"
+HOPS = ("send", "collective")
+
+
+@dataclass(frozen=True)
+class _Transport:
+    """How the joined backend moves data: the control plane's stream, point-to-point or not."""
+
+    backend: str
+    stream: Any  # mx.cpu, or None for the default stream
+    point_to_point: bool
+
+
+_transport = _Transport(backend="ring", stream=mx.cpu, point_to_point=True)
+
+
+def transport_for(backend: str) -> _Transport:
+    """The stream and point-to-point support of `backend` (as named to `join_group`).
+
+    Raises:
+        UsageError: MLXNODE_PIPELINE_HOPS has a value other than "send" or "collective".
+    """
+    if backend == "any" and os.environ.get("NCCL_HOST_IP"):
+        backend = "nccl"  # mlx.launch --backend nccl sets it; MLX's nccl init needs it
+    gpu = backend in GPU_STREAM_BACKENDS
+    hops = os.environ.get(HOPS_ENV, "")
+    if hops and hops not in HOPS:
+        raise UsageError(f"{HOPS_ENV}={hops!r}: use one of {', '.join(HOPS)}, or unset it")
+    p2p = hops == "send" if hops else not gpu
+    return _Transport(backend=backend, stream=None if gpu else mx.cpu, point_to_point=p2p)
+
+
+def control_stream() -> Any:
+    """The stream for small collectives on the joined backend (None: the default stream)."""
+    return _transport.stream
+
+
+def point_to_point() -> bool:
+    """Whether the pipeline passes hidden states with send/recv (else with collectives)."""
+    return _transport.point_to_point
 
 
 def launched() -> bool:
@@ -44,6 +98,8 @@ def join_group(backend: str) -> mx.distributed.Group:
     Raises:
         DistributedSetupError: launched as one of several ranks but the group cannot form.
     """
+    global _transport
+    transport = transport_for(backend)
     strict = launched()
     try:
         group = mx.distributed.init(strict=strict, backend=backend)
@@ -64,13 +120,14 @@ def join_group(backend: str) -> mx.distributed.Group:
             host=socket.gethostname(),
         )
     set_rank(group.rank(), group.size())
+    _transport = transport
     return group
 
 
 def barrier(group: mx.distributed.Group) -> None:
-    """Wait until every rank gets here."""
+    """Wait until every rank gets here (mlx-lm's barrier, on the backend's stream)."""
     if group.size() > 1:
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=control_stream()))
 
 
 # Every control-plane collective starts with a header gathered from all ranks: this magic
@@ -93,7 +150,7 @@ def broadcast_bytes(group: mx.distributed.Group, data: bytes | None, *, what: st
     if n == 0:
         return b""
     payload = mx.array(np.frombuffer(mine, dtype=np.uint8)) if mine else mx.zeros((n,), mx.uint8)
-    total = mx.distributed.all_sum(payload, group=group, stream=mx.cpu)
+    total = mx.distributed.all_sum(payload, group=group, stream=control_stream())
     return bytes(np.asarray(total))
 
 
@@ -111,7 +168,9 @@ def all_gather_json(group: mx.distributed.Group, value: Any, *, what: str) -> li
     longest = max(_agree(group, what, len(data)))
     padded = np.zeros((longest,), dtype=np.uint8)
     padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    gathered = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
+    gathered = np.array(
+        mx.distributed.all_gather(mx.array(padded), group=group, stream=control_stream())
+    )
     rows = gathered.reshape(group.size(), longest)
     return [_decode(bytes(row).rstrip(b"\0"), group, what) for row in rows]
 
@@ -119,7 +178,9 @@ def all_gather_json(group: mx.distributed.Group, value: Any, *, what: str) -> li
 def _agree(group: mx.distributed.Group, what: str, length: int) -> list[int]:
     """Check that every rank is at step `what`; return each rank's payload length."""
     header = mx.array([_MAGIC, zlib.crc32(what.encode()) & 0x7FFFFFFF, length], dtype=mx.int32)
-    rows = np.array(mx.distributed.all_gather(header, group=group, stream=mx.cpu)).reshape(-1, 3)
+    rows = np.array(
+        mx.distributed.all_gather(header, group=group, stream=control_stream())
+    ).reshape(-1, 3)
     mine = rows[group.rank()]
     strays = [r for r, row in enumerate(rows) if row[0] != _MAGIC or row[1] != mine[1]]
     if strays:

@@ -16,6 +16,16 @@ final norms and logit soft-caps keep working as the model wrote them. Rank r hol
 - layer n - 1 (rank 0's last, a placeholder elsewhere): all-gathers the hidden state, so every
   rank normalises and projects rank 0's output and samples the same token.
 
+Backends without send/recv (NCCL in MLX 0.32, see `distributed.point_to_point`) pass the
+hidden state with collectives instead: at the first layer of each rank k < size - 1, every
+rank takes part in one all-sum to which only rank k + 1 (the sender) contributes its hidden
+state and the others zeros, so every rank comes out holding the sender's values exactly
+(x + 0 is x). The relayed state flows on through each rank's placeholders into the next
+hop, which keeps the hops in one order on every rank, and each hop's result feeds the slot's
+KV cache, so a prefill that evaluates only the caches still takes part in every hop. It costs
+every rank each hop's traffic (an all-reduce instead of one copy), which on two ranks is the
+same amount.
+
 What travels between ranks must be known exactly on both sides: a receiving rank sizes its
 buffer from the shape and dtype it expects, and real checkpoints are often mixed precision
 (float32 norms next to 16-bit weights make a layer's output float32 while its input, the
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,9 +51,16 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from . import distributed
 from .errors import ModelLoadError
+from .sharding import layer_range
+
+logger = logging.getLogger(__name__)
 
 # Attributes every nn.Module sets for itself; not copied onto placeholders.
 _MODULE_INTERNALS = ("_no_grad", "_training")
+
+# True while `agree_on_wire` traces a forward pass: slots then use send/recv (recorded, never
+# run) even where the backend relays with collectives, so the trace sees what travels.
+_tracing = False
 
 
 class _PipelineSlot(nn.Module):
@@ -58,6 +76,8 @@ class _PipelineSlot(nn.Module):
         recv_from: int | None = None,
         send_to: int | None = None,
         gather: bool = False,
+        relay_from: int | None = None,
+        sends: bool = True,
     ):
         super().__init__()
         if local:
@@ -73,10 +93,16 @@ class _PipelineSlot(nn.Module):
         self._recv_from = recv_from
         self._send_to = send_to
         self._gather = gather
-        # Set by `agree_on_wire`: the dtype the sender's layers produce, and rank 0's output
-        # dtype, which every rank's all-gather contribution must share.
+        # Backends without send/recv: the rank whose hidden state every rank relays here
+        # (send_to and recv_from then only describe the pipeline to `agree_on_wire`'s trace).
+        self._relay_from = relay_from
+        self._sends = sends
+        # Set by `agree_on_wire`: the dtype the sender's layers produce, rank 0's output
+        # dtype, which every rank's all-gather contribution must share, and the relayed
+        # rank's output dtype, which every rank's all-sum contribution must share.
         self.recv_dtype: mx.Dtype | None = None
         self.gather_dtype: mx.Dtype | None = None
+        self.relay_dtype: mx.Dtype | None = None
 
     def __getattr__(self, key: str) -> Any:
         if key in self:
@@ -90,7 +116,10 @@ class _PipelineSlot(nn.Module):
         cache = kwargs.get("cache")
         if "cache" not in kwargs and self._cache_position < len(args):
             cache = args[self._cache_position]
-        if self._recv_from is not None:
+        relayed = None
+        if self._relay_from is not None and not _tracing:
+            x = relayed = self._relay_hop(x)
+        elif self._recv_from is not None:
             dtype = self.recv_dtype or x.dtype
             x = mx.distributed.recv(x.shape, dtype, self._recv_from, group=self._group)
         layer = self.get("layer")
@@ -101,7 +130,9 @@ class _PipelineSlot(nn.Module):
             if cache is not None:
                 dummy = mx.zeros((x.shape[0], 1, x.shape[1], 1), dtype=x.dtype)
                 cache.update_and_fetch(dummy, dummy)
-        if self._send_to is not None:
+        if relayed is not None and cache is not None:
+            cache.keys = mx.depends(cache.keys, relayed)
+        if self._send_to is not None and (self._sends or _tracing):
             h = mx.distributed.send(h, self._send_to, group=self._group)
             if cache is not None:
                 cache.keys = mx.depends(cache.keys, h)
@@ -110,6 +141,16 @@ class _PipelineSlot(nn.Module):
                 h = h.astype(self.gather_dtype)  # only rank 0's rows are kept
             h = mx.distributed.all_gather(h, group=self._group)[: h.shape[0]]
         return h
+
+    def _relay_hop(self, x: mx.array) -> mx.array:
+        """The sender's hidden state on every rank, from an all-sum it alone contributes to."""
+        dtype = self.relay_dtype or x.dtype
+        if self._group.rank() == self._relay_from:
+            mine = x.astype(dtype)
+        else:
+            # Zeros that wait for x: every rank then runs the hops in the same order.
+            mine = mx.depends(mx.zeros(x.shape, dtype=dtype), x)
+        return mx.distributed.all_sum(mine, group=self._group)
 
 
 class _CastOutput(nn.Module):
@@ -138,7 +179,13 @@ def generic_pipeline_problem(model: nn.Module) -> str | None:
     layers = getattr(inner, "layers", None) if inner is not None else None
     if not isinstance(layers, list) or not layers:
         return "it has no `model.layers` list of decoder blocks"
-    if getattr(model, "layers", layers) is not layers:
+    # mlx-lm's PipelineMixin models expose a slice of the same blocks (`pipeline_layers`).
+    outer = getattr(model, "layers", layers)
+    if outer is not layers and (
+        not isinstance(outer, list)
+        or len(outer) != len(layers)
+        or any(a is not b for a, b in zip(outer, layers, strict=True))
+    ):
         return "its `layers` are not the decoder blocks of `model.model.layers`"
     for layer in layers:
         if not isinstance(layer, nn.Module) or _cache_position(layer) is None:
@@ -152,10 +199,18 @@ def generic_pipeline_problem(model: nn.Module) -> str | None:
     return None
 
 
-def apply_pipeline(model: nn.Module, group: mx.distributed.Group, start: int, end: int) -> None:
-    """Keep layers [start, end) on this rank and wire it to its neighbours, in place.
+def apply_pipeline(
+    model: nn.Module,
+    group: mx.distributed.Group,
+    split: list[int],
+    *,
+    point_to_point: bool | None = None,
+) -> None:
+    """Keep this rank's layers of `split` (layers per rank) and wire it to its neighbours.
 
-    Call before the weights are evaluated: the layers this rank drops are never materialised.
+    Works in place. Call before the weights are evaluated: the layers this rank drops are
+    never materialised. `point_to_point` (default: what the joined backend has, see
+    `distributed.point_to_point`) picks send/recv or collectives for the hops between ranks.
 
     Raises:
         ValueError: the model does not fit the wrapper (see `generic_pipeline_problem`).
@@ -163,15 +218,28 @@ def apply_pipeline(model: nn.Module, group: mx.distributed.Group, start: int, en
     problem = generic_pipeline_problem(model)
     if problem is not None:
         raise ValueError(problem)
+    if point_to_point is None:
+        point_to_point = distributed.point_to_point()
     layers = model.model.layers
     rank, size = group.rank(), group.size()
     last = len(layers) - 1
+    start, end = layer_range(len(layers), rank, size, split=split)
+    # The hop from rank k + 1 to rank k comes before rank k's first layer; without send/recv
+    # every rank takes part in it there.
+    relays = (
+        {}
+        if point_to_point
+        else {layer_range(len(layers), k, size, split=split)[0]: k + 1 for k in range(size - 1)}
+    )
+    if relays and rank == 0:
+        logger.info("pipeline hops: all-sums over the group (no send/recv on this backend)")
     for index, layer in enumerate(layers):
         local = start <= index < end
         recv_from = rank + 1 if index == start and rank < size - 1 else None
         send_to = rank - 1 if index == end - 1 and rank > 0 else None
         gather = index == last and size > 1
-        if local and recv_from is None and send_to is None and not gather:
+        relay_from = relays.get(index)
+        if local and recv_from is None and send_to is None and not gather and relay_from is None:
             continue  # an interior layer runs untouched
         layers[index] = _PipelineSlot(
             layer,
@@ -181,6 +249,8 @@ def apply_pipeline(model: nn.Module, group: mx.distributed.Group, start: int, en
             recv_from=recv_from,
             send_to=send_to,
             gather=gather,
+            relay_from=relay_from,
+            sends=point_to_point,
         )
 
 
@@ -226,13 +296,14 @@ def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtyp
     _check_shapes(traces)
     dtypes = [_dtype(t["dtype"]) for t in traces]
     incoming = dtypes[rank + 1] if rank + 1 < size else None
-    if hasattr(model.model, "pipeline"):
+    slots = [layer for layer in model.model.layers if isinstance(layer, _PipelineSlot)]
+    if not slots:  # mlx-lm's own pipeline()
         _wire_own_pipeline(model, dtypes, incoming)
-    else:
-        for layer in model.model.layers:
-            if isinstance(layer, _PipelineSlot):
-                layer.recv_dtype = incoming
-                layer.gather_dtype = dtypes[0]
+    for slot in slots:
+        slot.recv_dtype = incoming
+        slot.gather_dtype = dtypes[0]
+        if slot._relay_from is not None:
+            slot.relay_dtype = dtypes[slot._relay_from]
     return dtypes
 
 
@@ -284,6 +355,7 @@ def _trace(model: nn.Module, incoming: mx.Dtype | None) -> dict[str, Any]:
 @contextlib.contextmanager
 def _recording_collectives(incoming: mx.Dtype | None) -> Iterator[dict[str, Any]]:
     """Replace the point-to-point and gather ops with recorders for one lazy trace."""
+    global _tracing
     seen: dict[str, Any] = {}
     names = ("recv", "recv_like", "send", "all_gather")
     saved = {name: getattr(mx.distributed, name) for name in names}
@@ -308,9 +380,11 @@ def _recording_collectives(incoming: mx.Dtype | None) -> Iterator[dict[str, Any]
 
     for name, fake in zip(names, (recv, recv_like, send, all_gather), strict=True):
         setattr(mx.distributed, name, fake)
+    _tracing = True
     try:
         yield seen
     finally:
+        _tracing = False
         for name, real in saved.items():
             setattr(mx.distributed, name, real)
 

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .distributed import FULL_MESH_BACKENDS
+from .distributed import FULL_MESH_BACKENDS, transport_for
 from .errors import ModelLoadError, UsageError
 from .pipeline import agree_on_wire, apply_pipeline, generic_pipeline_problem
 from .sharding import layer_range, resolve_split
@@ -25,6 +25,7 @@ from .sharding import layer_range, resolve_split
 logger = logging.getLogger(__name__)
 
 LOCAL, PIPELINE, TENSOR = "local", "pipeline", "tensor"
+OWN_PIPELINE, GENERIC_PIPELINE = "mlx-lm pipeline()", "mlxnode generic pipeline"
 
 # Architectures the generic pipeline wrapper is tested with (tests/test_engine.py). Others
 # pass if they have its shape (a `model.layers` list of blocks that take a KV cache).
@@ -68,8 +69,16 @@ def plan_shards(
         if split is not None or weights is not None:
             logger.warning("ignoring --split/--weights: a single rank holds the whole model")
         return ShardPlan(LOCAL, "whole model", "a single rank holds the whole model")
+    # mlx-lm's pipeline() passes hidden states with send/recv; where the backend has none
+    # (nccl), the generic wrapper, which can relay them with collectives, splits it instead.
     has_own_pipeline = hasattr(model, "model") and hasattr(model.model, "pipeline")
-    pipeline_problem = None if has_own_pipeline else generic_pipeline_problem(model)
+    use_own = has_own_pipeline and transport_for(backend).point_to_point
+    pipeline_problem = None if use_own else generic_pipeline_problem(model)
+    if pipeline_problem is not None and has_own_pipeline:
+        pipeline_problem = (
+            f"mlx-lm's pipeline() needs send/recv, which are off on the {backend} backend, and "
+            f"mlxnode's generic pipeline cannot split it: {pipeline_problem}"
+        )
     tensor_problem = _tensor_problem(model, model_config, world_size)
     wants_split = split is not None or weights is not None
 
@@ -120,7 +129,7 @@ def plan_shards(
         num_layers(model, model_config), world_size, split=split, weights=weights
     )
     start, end = layer_range(sum(counts), rank, world_size, split=counts)
-    implementation = "mlx-lm pipeline()" if has_own_pipeline else "mlxnode generic pipeline"
+    implementation = OWN_PIPELINE if use_own else GENERIC_PIPELINE
     return ShardPlan(PIPELINE, implementation, reason, split=counts, layers=(start, end))
 
 
@@ -130,7 +139,8 @@ def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -
         model.shard(group)
     elif plan.strategy == PIPELINE:
         assert plan.layers is not None
-        if hasattr(model.model, "pipeline"):
+        assert plan.split is not None
+        if plan.implementation == OWN_PIPELINE:
             model.model.pipeline(group, split=plan.split)
             got = (model.model.start_idx, model.model.end_idx)
             if got != plan.layers:
@@ -139,7 +149,7 @@ def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -
                     f"mlxnode.sharding says {plan.layers}; the two disagree on the convention"
                 )
         else:
-            apply_pipeline(model, group, *plan.layers)
+            apply_pipeline(model, group, plan.split)
         agree_on_wire(model, group)
 
 
