@@ -13,11 +13,14 @@ from collectives instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,8 @@ FULL_MESH_BACKENDS = ("jaccl", "mpi", "nccl")
 # Environment variables a launcher sets when it starts more than one rank.
 _LAUNCHER_ENV = ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES")
 _SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")
+# A collective that fails because a peer went away raises RuntimeError("[ring] ...") etc.
+_PEER_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")
 
 # Backends whose collectives run only on a GPU stream (and which have no send/recv in MLX 0.32).
 GPU_STREAM_BACKENDS = ("nccl",)
@@ -207,3 +212,27 @@ def out_of_step(group: mx.distributed.Group, detail: str) -> DistributedSetupErr
         rank=rank,
         host=host,
     )
+
+
+@contextlib.contextmanager
+def peer_errors(rank: int, phase: str) -> Iterator[None]:
+    """Turn a collective's "[ring] connection to a peer was lost" into a DistributedSetupError.
+
+    Args:
+        rank: This rank, named in the error.
+        phase: What the rank was doing ("generating"), named in the error.
+
+    Raises:
+        DistributedSetupError: a collective inside the block lost a peer.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not _PEER_ERROR.search(str(e)):
+            raise
+        host = socket.gethostname()
+        raise DistributedSetupError(
+            f"rank {rank} on {host} lost a peer while {phase}: {e}; see the other ranks' logs",
+            rank=rank,
+            host=host,
+        ) from e

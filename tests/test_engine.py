@@ -20,15 +20,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from mlx_lm.generate import stream_generate
 from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_model
 
 from mlxnode.config import Config
-from mlxnode.engine import Engine
 from mlxnode.errors import InferenceError, ModelLoadError, UsageError
+from mlxnode.generation import EncodedPrompt, encode
+from mlxnode.model_files import read_metadata
 from mlxnode.pipeline import generic_pipeline_problem
 from mlxnode.prompts import Prompt
 from mlxnode.strategy import plan_shards
@@ -261,40 +261,53 @@ def test_unsupported_architecture_names_itself_and_the_supported_ones(models):
 # -- prompts: checked before any compute
 
 
-def _engine(model_dir: Path, **generation) -> Engine:
+def _config(model_dir: Path, **generation) -> Config:
     config = Config()
     config.model.path = str(model_dir)
     for key, value in generation.items():
         setattr(config.generation, key, value)
-    # A group of one, passed in so the test process's logging keeps its rank from the env.
-    return Engine.prepare(config, group=mx.distributed.init(strict=False, backend="ring"))
+    return config
+
+
+def _encode(model_dir: Path, prompts: list[Prompt], **generation) -> list[EncodedPrompt]:
+    """`prompts` checked and encoded as every rank does before loading any weight."""
+    config = _config(model_dir, **generation)
+    metadata = read_metadata(config)
+    assert not hasattr(metadata, "model")  # the tokenizer and config only, no weights
+    return encode(
+        metadata.tokenizer,
+        prompts,
+        max_tokens=config.generation.max_tokens,
+        chat_template=config.generation.use_chat_template,
+        context_length=metadata.context_length,
+        model_name=metadata.name,
+    )
 
 
 def test_chat_template_is_applied_overridden_or_disabled(models, tmp_path):
     prompt = [Prompt(1, "hi")]
-    templated = _engine(models["llama"]).encode(prompt)[0]
-    tokenizer = _engine(models["llama"]).tokenizer
+    templated = _encode(models["llama"], prompt)[0]
+    tokenizer = read_metadata(_config(models["llama"])).tokenizer
     rendered = tokenizer.decode(templated.ids)
     assert rendered.startswith("<s><|user|>\nhi</s>") and rendered.endswith("<|assistant|>\n")
-    plain = _engine(models["llama"], use_chat_template=False).encode(prompt)[0]
+    plain = _encode(models["llama"], prompt, use_chat_template=False)[0]
     assert plain.ids == tokenizer.encode("hi")
     template = tmp_path / "t.jinja"
     template.write_text("Q: {{ messages[0]['content'] }} A:")
     for value in (str(template), template.read_text()):
-        custom = _engine(models["llama"], chat_template=value).encode(prompt)[0]
+        custom = _encode(models["llama"], prompt, chat_template=value)[0]
         assert tokenizer.decode(custom.ids) == "Q: hi A:"
 
 
 def test_too_long_and_empty_prompts_fail_before_loading(models):
-    engine = _engine(models["llama"], use_chat_template=False, max_tokens=100)
+    settings = {"use_chat_template": False, "max_tokens": 100}
     with pytest.raises(InferenceError, match=r"prompt 'long' is \d+ tokens but .* at most 512"):
-        engine.encode([Prompt("ok", "fine"), Prompt("long", "word " * 600)])
+        _encode(models["llama"], [Prompt("ok", "fine"), Prompt("long", "word " * 600)], **settings)
     with pytest.raises(UsageError, match="prompt 2 is empty"):
-        engine.encode([Prompt(1, "fine"), Prompt(2, " ")])
-    near = engine.encode([Prompt(1, "word " * 150)])[0]
+        _encode(models["llama"], [Prompt(1, "fine"), Prompt(2, " ")], **settings)
+    near = _encode(models["llama"], [Prompt(1, "word " * 150)], **settings)[0]
     assert 412 < len(near.ids) < 512  # so 100 more tokens would not fit...
     assert len(near.ids) + near.max_tokens == 512  # ...and max_tokens is capped
-    assert engine.model is None
 
 
 def test_cli_prompt_errors_exit_with_their_codes(models, tmp_path):

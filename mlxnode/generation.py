@@ -1,0 +1,404 @@
+"""Generate with a loaded shard: encode prompts, run them, assemble their completions.
+
+Every rank of a sharded model calls these with the same prompts, seed and sampler: each
+computes the same logits (pipeline: rank 0's hidden state is all-gathered; tensor: the
+partial sums are all-reduced) and so samples the same token.
+
+`generate` is the one-shot path: one prompt streams through mlx-lm's `stream_generate`
+(as ``mlx_lm.generate`` does), several run as one batch. The batch goes through a thin step
+API over mlx-lm's continuous batcher, which a long-running server drives itself:
+`batch_generator` once, `insert` requests as they come, `step` until it returns None, and
+`complete` each request from its `Token`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from .distributed import peer_errors
+from .errors import InferenceError, UsageError
+from .loading import ShardedModel
+from .prompts import Prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt, its token ids, and how many tokens it may generate."""
+
+    prompt: Prompt
+    ids: list[int]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token a request produced, as it came.
+
+    `finish_reason` is "stop" for the end-of-sequence token (not part of the completion),
+    "length" for the last token `max_tokens` allows, else None. `time` is the
+    `time.perf_counter()` when it arrived.
+    """
+
+    uid: int
+    id: int
+    logprob: float
+    finish_reason: str | None
+    time: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's result.
+
+    `token_ids` are the completion's tokens without the end-of-sequence token, and
+    `logprobs` their log-probabilities; `generation_tokens` counts every token the model
+    produced, including that one.
+    """
+
+    id: str | int
+    prompt: str
+    completion: str
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reason: str
+    ttft_seconds: float
+    seconds: float
+
+    def as_record(self) -> dict[str, Any]:
+        """The JSONL record `--output` writes."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
+            "finish_reason": self.finish_reason,
+            "token_ids": self.token_ids,
+            "logprobs": self.logprobs,
+            "timings": {"ttft_s": self.ttft_seconds, "total_s": self.seconds},
+        }
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generate` produced, with the counts for the metrics."""
+
+    completions: list[Completion]
+    batched: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft_seconds: float
+    seconds: float
+
+
+# -- prompts
+
+
+def encode(
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    max_tokens: int,
+    chat_template: bool = True,
+    context_length: int | None = None,
+    model_name: str = "the model",
+) -> list[EncodedPrompt]:
+    """Tokenise `prompts` and check they fit the model's context.
+
+    Args:
+        tokenizer: mlx-lm's tokenizer of the model.
+        prompts: The prompts, in order.
+        max_tokens: Tokens each may generate; capped (with a warning) where prompt and
+            completion would not fit `context_length`.
+        chat_template: Apply the tokenizer's chat template, if it has one.
+        context_length: The model's context, if known.
+        model_name: Named in errors.
+
+    Returns:
+        The encoded prompts, in order.
+
+    Raises:
+        UsageError: no prompts, an empty one, or a chat template that fails.
+        InferenceError: a prompt does not fit the model's context.
+    """
+    if not prompts:
+        raise UsageError("no prompts to run")
+    use_template = chat_template and tokenizer.has_chat_template
+    encoded = []
+    for prompt in prompts:
+        if not prompt.text.strip():
+            raise UsageError(f"prompt {prompt.id!r} is empty; give some text")
+        ids = encode_text(tokenizer, prompt.text, chat_template=use_template)
+        allowed = max_tokens
+        if context_length is not None:
+            if len(ids) >= context_length:
+                raise InferenceError(
+                    f"prompt {prompt.id!r} is {len(ids)} tokens but {model_name} takes at most "
+                    f"{context_length} tokens of context, leaving no room to generate; "
+                    "shorten the prompt"
+                )
+            if len(ids) + max_tokens > context_length:
+                allowed = context_length - len(ids)
+                logger.warning(
+                    "prompt %r: generating at most %d tokens (not %d) so prompt and "
+                    "completion fit the model's context of %d",
+                    prompt.id,
+                    allowed,
+                    max_tokens,
+                    context_length,
+                )
+        encoded.append(EncodedPrompt(prompt=prompt, ids=ids, max_tokens=allowed))
+    return encoded
+
+
+def encode_text(tokenizer: Any, text: str, *, chat_template: bool) -> list[int]:
+    """Token ids for `text`, as mlx-lm's generate does (template, then no extra BOS).
+
+    Raises:
+        UsageError: the chat template cannot be applied.
+    """
+    if chat_template:
+        from jinja2 import TemplateError
+
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as e:
+            raise UsageError(
+                f"the chat template cannot be applied ({type(e).__name__}: {e}); fix "
+                "--chat-template (or the model's template) or pass --no-chat-template"
+            ) from e
+        return list(tokenizer.encode(rendered, add_special_tokens=False))
+    bos = tokenizer.bos_token
+    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+
+
+def make_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
+    """mlx-lm's sampler for `temperature` (0: greedy) and `top_p` (1: off)."""
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+
+    return mlx_lm_make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
+
+
+# -- one-shot generation
+
+
+def generate(
+    sharded: ShardedModel,
+    batch: Sequence[EncodedPrompt],
+    *,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    on_step: Callable[[], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Generation:
+    """Generate for every prompt: one prompt streams, several run as one batch.
+
+    Every rank must call this with the same prompts and an equally seeded sampler.
+
+    Args:
+        sharded: This rank's shard (`loading.load_sharded`).
+        batch: The encoded prompts (`encode`).
+        sampler: Picks each token from the log-probabilities; None: greedy.
+        on_step: Called after every step of the model (a watchdog's beat).
+        on_text: Gets each new piece of text of a single prompt (to print it).
+
+    Returns:
+        The completions in the order of `batch`, and the counts for the metrics.
+
+    Raises:
+        DistributedSetupError: a peer went away.
+    """
+    from mlx_lm.generate import generation_stream
+
+    on_step = on_step or _nothing
+    with peer_errors(sharded.rank, "generating"):
+        if len(batch) == 1:
+            result = _generate_one(sharded, batch[0], sampler, on_step, on_text or _nothing)
+        else:
+            result = _generate_batch(sharded, batch, sampler, on_step)
+        # mlx-lm starts computing the next token before it knows it is done; that step
+        # holds collectives, and any collective we run next must not overtake it.
+        mx.synchronize(generation_stream)
+    return result
+
+
+def _generate_one(
+    sharded: ShardedModel,
+    item: EncodedPrompt,
+    sampler: Callable | None,
+    on_step: Callable[[], None],
+    on_text: Callable[[str], None],
+) -> Generation:
+    from mlx_lm.generate import stream_generate
+
+    started = time.perf_counter()
+    tokens: list[Token] = []
+    pieces: list[str] = []
+    last = None
+    for response in stream_generate(
+        sharded.model,
+        sharded.tokenizer,
+        mx.array(item.ids),
+        max_tokens=item.max_tokens,
+        sampler=sampler,
+        prompt_progress_callback=lambda *_: on_step(),
+    ):
+        on_step()
+        tokens.append(_token(0, response))
+        last = response
+        pieces.append(response.text)
+        if response.text:
+            on_text(response.text)
+    ended = time.perf_counter()
+    assert last is not None  # stream_generate always yields a final response
+    done = complete(item, tokens, "".join(pieces), started=started, ended=ended)
+    return Generation(
+        completions=[done],
+        batched=False,
+        prompt_tokens=len(item.ids),
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        ttft_seconds=done.ttft_seconds,
+        seconds=ended - started,
+    )
+
+
+def _generate_batch(
+    sharded: ShardedModel,
+    batch: Sequence[EncodedPrompt],
+    sampler: Callable | None,
+    on_step: Callable[[], None],
+) -> Generation:
+    started = time.perf_counter()
+    generator = batch_generator(
+        sharded, sampler=sampler, max_tokens=max(item.max_tokens for item in batch)
+    )
+    try:
+        uids = insert(generator, batch)
+        tokens: dict[int, list[Token]] = {uid: [] for uid in uids}
+        with generator.stats() as stats:
+            while (produced := step(generator)) is not None:
+                on_step()
+                for token in produced:
+                    tokens[token.uid].append(token)
+    finally:
+        generator.close()
+    ended = time.perf_counter()
+    completions = []
+    for uid, item in zip(uids, batch, strict=True):
+        text = sharded.tokenizer.decode([t.id for t in tokens[uid] if t.finish_reason != "stop"])
+        completions.append(complete(item, tokens[uid], text, started=started, ended=ended))
+    return Generation(
+        completions=completions,
+        batched=True,
+        prompt_tokens=sum(len(item.ids) for item in batch),
+        prompt_tps=stats.prompt_tps,
+        generation_tokens=stats.generation_tokens,
+        generation_tps=stats.generation_tps,
+        ttft_seconds=min(c.ttft_seconds for c in completions),
+        seconds=ended - started,
+    )
+
+
+# -- step by step, over mlx-lm's continuous batching
+
+
+def batch_generator(
+    sharded: ShardedModel,
+    *,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    max_tokens: int,
+) -> Any:
+    """mlx-lm's `BatchGenerator` for `sharded`, stopping at the tokenizer's end tokens.
+
+    Call its ``close()`` when done. Every rank must drive its own the same way.
+
+    Args:
+        sharded: This rank's shard.
+        sampler: Picks each token; None: greedy.
+        max_tokens: The most tokens a request inserted without its own limit generates.
+    """
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(
+        sharded.model,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in sorted(sharded.tokenizer.eos_token_ids)],
+        sampler=sampler,
+    )
+
+
+def insert(generator: Any, batch: Sequence[EncodedPrompt]) -> list[int]:
+    """Queue `batch` on `generator`; returns each prompt's uid, in order."""
+    return generator.insert(
+        [item.ids for item in batch], max_tokens=[item.max_tokens for item in batch]
+    )
+
+
+def step(generator: Any) -> list[Token] | None:
+    """Run `generator` one step: the tokens it produced (none while it reads prompts).
+
+    Returns:
+        The step's tokens, or None when no request is left.
+    """
+    prompt_responses, responses = generator.next()
+    if not prompt_responses and not responses:
+        return None
+    return [_token(r.uid, r) for r in responses]
+
+
+def complete(
+    item: EncodedPrompt, tokens: Sequence[Token], text: str, *, started: float, ended: float
+) -> Completion:
+    """The completion of `item` from every token it produced.
+
+    Args:
+        item: The prompt.
+        tokens: Its tokens, in order (the last one says why it finished, if it did).
+        text: The completion's text.
+        started: `time.perf_counter()` when generation started.
+        ended: ... when it ended; the time of a request that never finished.
+    """
+    kept = [t for t in tokens if t.finish_reason != "stop"]
+    last = tokens[-1] if tokens and tokens[-1].finish_reason else None
+    return Completion(
+        id=item.prompt.id,
+        prompt=item.prompt.text,
+        completion=text,
+        token_ids=[t.id for t in kept],
+        logprobs=[t.logprob for t in kept],
+        prompt_tokens=len(item.ids),
+        generation_tokens=len(tokens),
+        finish_reason=last.finish_reason if last else "length",
+        ttft_seconds=(tokens[0].time if tokens else ended) - started,
+        seconds=(last.time if last else ended) - started,
+    )
+
+
+def _token(uid: int, response: Any) -> Token:
+    """A `Token` from mlx-lm's response (streaming or batched, which share these fields)."""
+    return Token(
+        uid=uid,
+        id=response.token,
+        logprob=response.logprobs[response.token].item(),
+        finish_reason=response.finish_reason,
+        time=time.perf_counter(),
+    )
+
+
+def _nothing(*_: Any) -> None:
+    pass
