@@ -370,8 +370,12 @@ def complete(
         item: The prompt.
         tokens: Its tokens, in order (the last one says why it finished, if it did).
         text: The completion's text.
-        started: `time.perf_counter()` when generation started.
-        ended: ... when it ended; the time of a request that never finished.
+        started: `time.perf_counter()` when generation started; timings count from it.
+        ended: `time.perf_counter()` when generation ended: the end of a request that
+            did not finish.
+
+    Returns:
+        The completion, without the end-of-sequence token.
     """
     kept = [t for t in tokens if t.finish_reason != "stop"]
     last = tokens[-1] if tokens and tokens[-1].finish_reason else None

@@ -122,6 +122,31 @@ def load_sharded(
         # decides which layers to quantise from the weight files, so build it again.
         model = build_model(weights_dir, metadata.name)
     check_weight_files(weights_dir, plan.layers, num_layers(model, metadata.config), rank)
+    seconds = _materialise(model, plan, group, started=started, wait=wait)
+    return ShardedModel(
+        model=model,
+        tokenizer=metadata.tokenizer,
+        name=metadata.name,
+        model_config=metadata.config,
+        plan=plan,
+        group=group,
+        load_seconds=seconds,
+    )
+
+
+def _materialise(
+    model: nn.Module,
+    plan: ShardPlan,
+    group: mx.distributed.Group | None,
+    *,
+    started: float,
+    wait: Guard,
+) -> float:
+    """Shard or prune `model` per `plan`, read this rank's weights, wait for the others.
+
+    Returns the seconds this rank took to load, from `started`.
+    """
+    rank, world_size = (group.rank(), group.size()) if group is not None else (0, 1)
     with distributed.peer_errors(rank, "loading the model"):
         if group is not None:
             apply_plan(model, plan, group)
@@ -141,15 +166,7 @@ def load_sharded(
         with wait("waiting for every rank to finish loading"):
             if group is not None:
                 distributed.barrier(group)
-    return ShardedModel(
-        model=model,
-        tokenizer=metadata.tokenizer,
-        name=metadata.name,
-        model_config=metadata.config,
-        plan=plan,
-        group=group,
-        load_seconds=seconds,
-    )
+    return seconds
 
 
 def _fetch_weights(config: Config, name: str, plan: ShardPlan, rank: int, world_size: int) -> Path:
