@@ -49,9 +49,16 @@ class Token:
 
     uid: int
     id: int
-    logprob: float
+    # Kept as an array being evaluated in the background: reading it at once (`.item()`)
+    # would wait for the next step mlx-lm has already queued, which cost a third of the
+    # tokens/s on a GPU. `logprob` reads it when the completion is assembled.
+    logprob_array: mx.array
     finish_reason: str | None
     time: float
+
+    @property
+    def logprob(self) -> float:
+        return self.logprob_array.item()
 
 
 @dataclass(frozen=True)
@@ -395,10 +402,12 @@ def complete(
 
 def _token(uid: int, response: Any) -> Token:
     """A `Token` from mlx-lm's response (streaming or batched, which share these fields)."""
+    logprob = response.logprobs[response.token]
+    mx.async_eval(logprob)
     return Token(
         uid=uid,
         id=response.token,
-        logprob=response.logprobs[response.token].item(),
+        logprob_array=logprob,
         finish_reason=response.finish_reason,
         time=time.perf_counter(),
     )
