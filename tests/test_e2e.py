@@ -63,6 +63,15 @@ WIDE_NEEDED = {
     1: METADATA | _shards(1, *range(22, 44), 64, of=64),
     2: METADATA | _shards(*range(1, 22), 64, of=64),
 }
+# The real 4-bit SmolLM2 (mlxnode.testing.real_model): 30 layers over 8 files, embeddings
+# with layers 0-3 in file 1, the final norm with layers 27-29 in file 8 (tied: no head).
+REAL = "mlxnode-test/SmolLM2-135M-Instruct-4bit"
+REAL_SPLIT = [14, 10, 6]  # rank 0 holds layers 16-29, rank 1 6-15, rank 2 0-5
+REAL_NEEDED = {
+    0: METADATA | {"generation_config.json"} | _shards(1, 5, 6, 7, 8, of=8),
+    1: METADATA | {"generation_config.json"} | _shards(1, 2, 3, 4, 5, 8, of=8),
+    2: METADATA | {"generation_config.json"} | _shards(1, 2, 8, of=8),
+}
 PROMPT = "The morning train left the station"
 MAX_TOKENS = 12
 RECAP = re.compile(
@@ -341,6 +350,54 @@ def test_memory_weights_give_the_prewarm_and_the_run_the_same_split(cluster):
     finally:
         cluster.playbook("configure.yml").check()
         cluster.forget(WIDE)
+
+
+def test_a_real_4_bit_checkpoint_through_run_yml_equals_single_process_mlx_lm(cluster):
+    """The real-checkpoint matrix's cell that goes through the whole Ansible path."""
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+
+    from mlxnode.testing.real_model import real_model
+
+    if not (cluster.hub_root / REAL).exists():
+        shutil.copytree(real_model("q4"), cluster.hub_root / REAL)
+    layout = ("-e", json.dumps({"mlxnode_model": REAL, "mlxnode_split": REAL_SPLIT}))
+    question = "What is the capital of France?"
+    try:
+        cluster.playbook("configure.yml", *layout).check()
+        cluster.playbook("prewarm.yml", *layout).check()
+        for rank, host in enumerate(HOSTS):
+            held = cluster.snapshot_files(host, REAL)
+            assert held == REAL_NEEDED[rank], (host, sorted(held ^ REAL_NEEDED[rank]))
+        run_id = "e2e-real-checkpoint"
+        extra = {
+            "prompt": question,
+            "run_id": run_id,
+            "mlxnode_run_args": ["--max-tokens", str(MAX_TOKENS)],  # chat template on
+        }
+        play = cluster.playbook("run.yml", "-e", json.dumps(extra)).check()
+        logs = cluster.work / "logs" / run_id
+        (record,) = [
+            json.loads(x) for x in (logs / "h1" / "results.jsonl").read_text().split("\n") if x
+        ]
+        model, tokenizer = load(str(cluster.hub_root / REAL))
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True
+        )
+        expected = [
+            r.token
+            for r in stream_generate(model, tokenizer, ids, max_tokens=MAX_TOKENS)
+            if r.finish_reason != "stop"
+        ]
+        assert record["token_ids"] == expected
+        assert "Paris" in record["completion"] and record["completion"] in play.output
+        metrics = json.loads((logs / "h1" / "metrics.json").read_text())
+        assert metrics["split"] == REAL_SPLIT and metrics["implementation"] == (
+            "mlxnode generic pipeline"
+        )
+    finally:
+        cluster.playbook("configure.yml").check()
+        cluster.forget(REAL)
 
 
 def test_fanout_fetches_every_file_from_the_hub_once(cluster):
