@@ -29,7 +29,15 @@ from .model_files import (
     context_length,
     read_metadata,
 )
-from .strategy import PIPELINE, TENSOR, ShardPlan, apply_plan, num_layers, plan_shards
+from .strategy import (
+    PIPELINE,
+    TENSOR,
+    ShardPlan,
+    apply_plan,
+    connect_plan,
+    num_layers,
+    plan_shards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +171,10 @@ def _materialise(
         )
         # Bounded also when the weights came through the cache: a link cut while a peer
         # loads must not hang until the launcher's --timeout (prewarm big models first).
+        # The plan's own collectives wait for the slowest peer too, so they go inside.
         with wait("waiting for every rank to finish loading"):
             if group is not None:
+                connect_plan(model, plan, group)
                 distributed.barrier(group)
     return seconds
 

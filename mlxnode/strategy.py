@@ -134,7 +134,10 @@ def plan_shards(
 
 
 def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -> None:
-    """Shard or prune `model` in place per `plan`, before its weights are evaluated."""
+    """Shard or prune `model` in place per `plan`, before its weights are evaluated.
+
+    Runs no collective (a peer may still be downloading): `connect_plan` does, later.
+    """
     if plan.strategy == TENSOR:
         model.shard(group)
     elif plan.strategy == PIPELINE:
@@ -150,6 +153,11 @@ def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -
                 )
         else:
             apply_pipeline(model, group, plan.split)
+
+
+def connect_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -> None:
+    """The collectives a plan needs once every rank has its shard (see `agree_on_wire`)."""
+    if plan.strategy == PIPELINE:
         agree_on_wire(model, group)
 
 
