@@ -66,7 +66,10 @@ class Shape:
     real_variant: str | None = None  # a converted real checkpoint instead of a tiny model
 
 
-SHAPES = (Shape("smollm2-135m-q4", 30, 8, real_variant="q4"), Shape("fine", 32, 32))
+SHAPES = (
+    Shape("smollm2-135m-q4", 30, 8, hidden_size=576, real_variant="q4"),
+    Shape("fine", 32, 32),
+)
 
 
 def main() -> int:
