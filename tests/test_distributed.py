@@ -17,6 +17,31 @@ from pathlib import Path
 import pytest
 from test_engine import MLX_LAUNCH, _free_ports
 
+
+def _launch(script: Path, text: str, *args: str, env: dict | None = None):
+    """`text` written to `script` and run as 2 real ring ranks on this machine."""
+    script.write_text(text)
+    return subprocess.run(
+        [
+            str(MLX_LAUNCH),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--starting-port",
+            str(_free_ports(2)),
+            sys.executable,
+            str(script),
+            *args,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
+
+
 # Rank 0 gathers metrics while rank 1 shares prompts: the same kind of collective at a
 # different step, and a different kind of collective of another length.
 SCRIPT = textwrap.dedent(
@@ -42,24 +67,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_ranks_out_of_step_stop_with_a_distributed_setup_error(tmp_path: Path):
     script = tmp_path / "out_of_step.py"
-    script.write_text(SCRIPT)
-    result = subprocess.run(
-        [
-            str(MLX_LAUNCH),
-            "--backend",
-            "ring",
-            "-n",
-            "2",
-            "--starting-port",
-            str(_free_ports(2)),
-            sys.executable,
-            str(script),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parents[1],
-    )
+    result = _launch(script, SCRIPT)
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
     assert len(lines) == 2, result.stdout + result.stderr
     assert lines[0].startswith("rank 0: ranks out of step while gathering metrics: rank 1 is")
@@ -105,30 +113,10 @@ STALLED_LOAD = textwrap.dedent(
 @pytest.mark.slow
 def test_a_rank_stalled_while_loading_from_the_cache_is_bounded(hub, tmp_path: Path):
     script = tmp_path / "stalled_load.py"
-    script.write_text(STALLED_LOAD)
     repo = "mlxnode-test/tiny-llama"  # published by conftest's hub fixture
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint}
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            str(MLX_LAUNCH),
-            "--backend",
-            "ring",
-            "-n",
-            "2",
-            "--starting-port",
-            str(_free_ports(2)),
-            sys.executable,
-            str(script),
-            repo,
-            str(tmp_path / "cache"),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=Path(__file__).parents[1],
-    )
+    result = _launch(script, STALLED_LOAD, repo, str(tmp_path / "cache"), env=env)
     seconds = time.monotonic() - started
     assert "no progress for 3s while waiting for every rank to finish loading" in result.stderr
     assert "Node with rank 0 exited with code 6" in result.stderr
