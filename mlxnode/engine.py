@@ -101,7 +101,9 @@ def run(
     """
     started = time.perf_counter()
     rank, _ = env_rank()
-    with Watchdog(rank=rank, timeout=config.distributed.step_timeout) as watchdog:
+    with Watchdog(
+        rank=rank, timeout=config.distributed.step_timeout, exit_on_signals=True
+    ) as watchdog:
         try:
             return _run(
                 config,

@@ -45,6 +45,7 @@ from .errors import (
 from .logs import DATE_FORMAT, LOG_FORMAT, RankFilter
 from .metrics import write_atomic
 from .prompts import Prompt, prompts_to_jsonl
+from .watchdog import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -523,7 +524,10 @@ def _exit_codes(result: _Supervised, records: dict[int, outcome.RankStatus]) -> 
     for rank, status in records.items():
         if status.exit_code != 0:
             codes[rank] = status.exit_code
-    return codes
+    # A rank stopped by SIGTERM or SIGHUP logs why and exits 128 + the signal (see
+    # `mlxnode.watchdog`): a casualty of another rank's failure, like one killed by it.
+    stopped = {128 + s for s in STOP_SIGNALS}
+    return {rank: _STOPPED if code in stopped else code for rank, code in codes.items()}
 
 
 def _priority(code: int) -> int:

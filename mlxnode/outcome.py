@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MlxnodeError
+from .errors import MlxnodeError, Stopped
 from .logs import current_rank, redact
 from .metrics import write_atomic
 
@@ -88,11 +88,20 @@ def record_exit(error: BaseException | None) -> None:
     if error is None:
         code, name, message = 0, None, ""
     else:
-        code = error.exit_code if isinstance(error, MlxnodeError) else 1
+        code = exit_code(error)
         name, message = type(error).__name__, redact(" ".join(str(error).split()))
     rank = current_rank()[0]
     status = RankStatus(_run_id, rank, socket.gethostname(), code, name, message)
     _write(_directory / status_file(rank), dataclasses.asdict(status))
+
+
+def exit_code(error: BaseException) -> int:
+    """The process's exit code for `error`: its own, 128 + a stopping signal, else 1."""
+    if isinstance(error, MlxnodeError):
+        return error.exit_code
+    if isinstance(error, Stopped):
+        return 128 + error.signum
+    return 1
 
 
 def record_completion(world_size: int, ranks: Sequence[Any]) -> None:

@@ -559,7 +559,8 @@ def test_a_bad_split_fails_every_rank_quickly(models, tmp_path):
     )
     # Every rank refuses the split; whichever exits first, mlx.launch SIGTERMs the rest.
     assert set(job.rank_codes) == {0, 1} and 2 in job.rank_codes.values(), job.stderr
-    assert set(job.rank_codes.values()) <= {2, -signal.SIGTERM}
+    # A rank stopped before its engine started dies of the signal; after, it exits 128 + 15.
+    assert set(job.rank_codes.values()) <= {2, -signal.SIGTERM, 128 + signal.SIGTERM}
     assert job.stdout == ""
     assert "ERROR mlxnode.engine: split 5,4 sums to 9 but the model has 8 layers" in job.stderr
     assert job.seconds < 30
@@ -568,7 +569,8 @@ def test_a_bad_split_fails_every_rank_quickly(models, tmp_path):
 @pytest.mark.slow
 def test_unsupported_architecture_fails_with_exit_5(models, tmp_path):
     job = mlxnode_run(2, "--model-path", models["mamba"], PROMPT, cwd=tmp_path, timeout=60)
-    assert set(job.rank_codes.values()) <= {5, -signal.SIGTERM} and 5 in job.rank_codes.values()
+    stopped = {-signal.SIGTERM, 128 + signal.SIGTERM}
+    assert set(job.rank_codes.values()) <= {5, *stopped} and 5 in job.rank_codes.values()
     assert "model type 'mamba' cannot be split over ranks" in job.stderr
 
 
@@ -631,3 +633,33 @@ def test_watchdog_turns_a_silent_peer_into_exit_6(models, tmp_path):
     host = socket.gethostname()
     assert f"rank 0 on {host}: no progress for 2s while generating" in rank0_log.read_text()
     assert "Node with rank 0 exited with code 6" in stderr
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_while_waiting_inside_mlx_logs_why_and_exits_128_plus_signal(
+    models, tmp_path
+):
+    # Rank 1 hangs, so rank 0 waits inside an MLX collective, where a Python signal
+    # handler never runs; the SIGHUP that ssh delivers when mlx.launch stops the ranks
+    # must still end it at once, with the phase in its log, not silently.
+    launcher = _start_long_run(models, tmp_path, "--step-timeout", "120")
+    pids = _rank_pids(launcher)
+    os.kill(pids[1], signal.SIGSTOP)
+    time.sleep(1.0)  # rank 0 is now blocked on rank 1
+    rank0_log = tmp_path / "logs" / "run.rank0.log"
+    os.kill(pids[0], signal.SIGHUP)
+    sent = time.monotonic()
+    try:
+        while time.monotonic() - sent < 20 and "stopped by" not in rank0_log.read_text():
+            time.sleep(0.1)
+        waited = time.monotonic() - sent
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=30)
+    assert waited < 5, rank0_log.read_text()[-1000:]
+    host = socket.gethostname()
+    assert re.search(
+        rf"ERROR mlxnode.watchdog: rank 0 on {host}: stopped by SIGHUP while generating",
+        rank0_log.read_text(),
+    ), rank0_log.read_text()[-1000:]
+    assert "Node with rank 0 exited with code 129" in stderr  # 128 + SIGHUP, as documented

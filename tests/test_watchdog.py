@@ -53,3 +53,32 @@ def test_beats_keep_a_slow_but_moving_phase_alive():
     result, _ = _run(beats=6, stuck=0)  # 1.8 s in all, never 1 s without a beat
     assert result.returncode == 0, result.stderr
     assert result.stdout == "finished\n"
+
+
+def test_sigterm_ends_a_guarded_phase_at_once_with_its_name_and_exit_143():
+    script = textwrap.dedent(
+        """
+        import time
+        from mlxnode.logs import setup_logging
+        from mlxnode.watchdog import Watchdog
+
+        setup_logging("INFO")
+        with Watchdog(rank=1, timeout=0, exit_on_signals=True) as dog, dog.guard("decoding"):
+            print("ready", flush=True)
+            time.sleep(60)
+        print("finished", flush=True)
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "ready\n"
+    process.terminate()
+    started = time.monotonic()
+    stdout, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - started < 5
+    assert process.returncode == 128 + 15, stderr
+    assert stdout == ""  # the rest of the phase never ran
+    host = socket.gethostname()
+    assert f"ERROR mlxnode.watchdog: rank 1 on {host}: stopped by SIGTERM while decoding" in stderr
+    assert "mlxnode: stopped by SIGTERM" in stderr

@@ -21,13 +21,12 @@ from .. import launcher, preflight
 from ..errors import MlxnodeError, PreflightError, Stopped, UsageError
 from ..logs import redact
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
+from ..watchdog import STOP_SIGNALS
 from . import run as run_command
 from .common import add_config_flags, configure
 
 # Settings the launcher itself uses; the ranks get theirs from the arguments after --.
 _LAUNCH_KEYS = ("logging.level", "distributed.backend")
-# Stopped like Ctrl-C: every rank on every host first, then exit 128 + the signal.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _add_common(parser: argparse.ArgumentParser, keys: tuple[str, ...]) -> None:
@@ -217,7 +216,7 @@ def stop_on_signals() -> Iterator[None]:
             stopping = True
             raise Stopped(signum)
 
-    previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
