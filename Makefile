@@ -34,7 +34,7 @@ test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m mlxnode.testing.demo
+	$(PY) -m tests.support.demo
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -44,5 +44,5 @@ bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	-$(PY) -m mlxnode.testing.testbed down
+	-$(PY) -m tests.support.testbed down
 	rm -rf $(VENV) .demo logs

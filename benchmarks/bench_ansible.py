@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlxnode.testing.hubserver import HubServer, parse_rate  # noqa: E402
-from mlxnode.testing.testbed import Testbed  # noqa: E402
-from mlxnode.testing.tiny_model import make_tiny_model  # noqa: E402
+from tests.support.hubserver import HubServer, parse_rate  # noqa: E402
+from tests.support.testbed import Testbed  # noqa: E402
+from tests.support.tiny_model import make_tiny_model  # noqa: E402
 
 NAME = "mlxbench"
 SUBNET = "10.213.11.0/24"

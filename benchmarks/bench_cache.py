@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from the checkout
+
 # Isolate huggingface_hub from the real home before anything imports it.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="bench_cache."))
 os.environ["HF_HOME"] = str(_SCRATCH / "hf_home")
@@ -46,9 +48,9 @@ from huggingface_hub import snapshot_download  # noqa: E402
 
 from mlxnode import sharding  # noqa: E402
 from mlxnode.cache import ModelCacheManager  # noqa: E402
-from mlxnode.testing.hubserver import HubServer, parse_rate  # noqa: E402
-from mlxnode.testing.real_model import real_model  # noqa: E402
-from mlxnode.testing.tiny_model import make_tiny_model  # noqa: E402
+from tests.support.hubserver import HubServer, parse_rate  # noqa: E402
+from tests.support.real_model import real_model  # noqa: E402
+from tests.support.tiny_model import make_tiny_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.json"
 DEFAULT_REPEATS = 5
@@ -203,7 +205,7 @@ def _manager(hub: HubServer, cache: Path) -> ModelCacheManager:
 def _server_process(root: Path, rate: float | None) -> Iterator[str]:
     """The Hub in its own process, so its threads do not share the client's GIL."""
     port_file = _SCRATCH / "hub.port"
-    args = [sys.executable, "-m", "mlxnode.testing.hubserver", "--root", str(root)]
+    args = [sys.executable, "-m", "tests.support.hubserver", "--root", str(root)]
     args += ["--port-file", str(port_file)]
     if rate is not None:
         args += ["--rate-limit", str(rate)]

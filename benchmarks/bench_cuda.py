@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from the checkout
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.97
 SHAPE = {
@@ -161,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
 
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.tiny_model import make_tiny_model
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-cuda-"))
     model = work / "llama-1b-bf16"

@@ -1,6 +1,6 @@
 """Benchmark the inference engine: its overhead over bare mlx-lm, and what batching buys.
 
-By default on the real SmolLM2-135M-Instruct (4-bit, llama; `mlxnode.testing.real_model`);
+By default on the real SmolLM2-135M-Instruct (4-bit, llama; `tests.support.real_model`);
 `--model tiny` uses a synthetic qwen2 instead, the one model here that bare mlx-lm can also
 pipeline (mlx-lm has no pipeline() for llama).
 
@@ -41,8 +41,10 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from mlxnode.testing.real_model import real_model
-from mlxnode.testing.tiny_model import make_tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from the checkout
+
+from tests.support.real_model import real_model
+from tests.support.tiny_model import make_tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"

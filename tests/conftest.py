@@ -132,8 +132,8 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A running `HubServer` over tiny models; tests must undo any faults they add."""
-    from mlxnode.testing.hubserver import GATED_MARKER, HubServer
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.hubserver import GATED_MARKER, HubServer
+    from tests.support.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("hub")
     make_tiny_model(root / TINY_LLAMA, arch="llama", num_layers=8, num_shards=4)
@@ -185,7 +185,7 @@ def free_ports(count: int) -> int:
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("local-cluster")
     model = make_tiny_model(

@@ -45,7 +45,7 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny model, a cache, an HF home and a sentinel outside the cache."""
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("bad_input")
     model = root / "model"

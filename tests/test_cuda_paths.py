@@ -21,7 +21,7 @@ from test_engine import MAX_TOKENS, PROMPT, mlxnode_run, reference
 from mlxnode import distributed
 from mlxnode.errors import UsageError
 from mlxnode.strategy import GENERIC_PIPELINE, OWN_PIPELINE, plan_shards
-from mlxnode.testing.tiny_model import make_tiny_model
+from tests.support.tiny_model import make_tiny_model
 
 COLLECTIVE = {distributed.HOPS_ENV: "collective"}
 

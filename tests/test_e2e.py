@@ -63,7 +63,7 @@ WIDE_NEEDED = {
     1: METADATA | _shards(1, *range(22, 44), 64, of=64),
     2: METADATA | _shards(*range(1, 22), 64, of=64),
 }
-# The real 4-bit SmolLM2 (mlxnode.testing.real_model): 30 layers over 8 files, embeddings
+# The real 4-bit SmolLM2 (tests.support.real_model): 30 layers over 8 files, embeddings
 # with layers 0-3 in file 1, the final norm with layers 27-29 in file 8 (tied: no head).
 REAL = "mlxnode-test/SmolLM2-135M-Instruct-4bit"
 REAL_SPLIT = [14, 10, 6]  # rank 0 holds layers 16-29, rank 1 6-15, rank 2 0-5
@@ -153,9 +153,9 @@ class Play:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    from mlxnode.testing.hubserver import HubServer
-    from mlxnode.testing.testbed import Testbed
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.hubserver import HubServer
+    from tests.support.testbed import Testbed
+    from tests.support.tiny_model import make_tiny_model
 
     work = tmp_path_factory.mktemp("ansible-e2e")
     # Build the wheel from a snapshot: edits to the tree during the session would otherwise
@@ -322,7 +322,7 @@ def test_a_stray_config_yaml_in_the_home_directory_is_never_read(cluster):
 
 
 def test_memory_weights_give_the_prewarm_and_the_run_the_same_split(cluster):
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.tiny_model import make_tiny_model
 
     make_tiny_model(cluster.hub_root / WIDE, arch="llama", num_layers=64, num_shards=64)
     layout = (
@@ -357,7 +357,7 @@ def test_a_real_4_bit_checkpoint_through_run_yml_equals_single_process_mlx_lm(cl
     from mlx_lm import load
     from mlx_lm.generate import stream_generate
 
-    from mlxnode.testing.real_model import real_model
+    from tests.support.real_model import real_model
 
     if not (cluster.hub_root / REAL).exists():
         shutil.copytree(real_model("q4"), cluster.hub_root / REAL)

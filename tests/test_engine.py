@@ -32,7 +32,7 @@ from mlxnode.model_files import read_metadata
 from mlxnode.pipeline import generic_pipeline_problem
 from mlxnode.prompts import Prompt
 from mlxnode.strategy import plan_shards
-from mlxnode.testing.tiny_model import make_tiny_model
+from tests.support.tiny_model import make_tiny_model
 
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 MAX_TOKENS = 8

@@ -16,7 +16,7 @@ from test_engine import MAX_TOKENS, PROMPT, mlxnode_run, reference
 
 from mlxnode.errors import ModelLoadError
 from mlxnode.strategy import plan_shards
-from mlxnode.testing.tiny_model import make_tiny_model
+from tests.support.tiny_model import make_tiny_model
 
 # Four experts, two per token; heads, KV heads and every MLP width divide by 2 ranks.
 MOE = {"arch": "qwen3_moe", "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2}

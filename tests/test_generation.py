@@ -15,7 +15,7 @@ from mlxnode.config import Config
 from mlxnode.generation import Token, batch_generator, complete, encode, generate, insert, step
 from mlxnode.loading import ShardedModel, load_sharded
 from mlxnode.prompts import Prompt
-from mlxnode.testing.tiny_model import make_tiny_model
+from tests.support.tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="module")

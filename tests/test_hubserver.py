@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from mlxnode.testing.hubserver import HubServer, parse_rate
+from tests.support.hubserver import HubServer, parse_rate
 
 REPO = "acme/tiny-model"
 TOKEN = "hf_test_token_for_gated_repos"
@@ -347,7 +347,7 @@ def test_cli_serves_until_sigterm(tmp_path, repo_files):
         [
             sys.executable,
             "-m",
-            "mlxnode.testing.hubserver",
+            "tests.support.hubserver",
             "--root",
             str(tmp_path / "hub"),
             "--rate-limit",
@@ -376,7 +376,7 @@ def test_cli_serves_until_sigterm(tmp_path, repo_files):
 
 
 def test_cli_rejects_a_missing_root(tmp_path, capsys):
-    from mlxnode.testing.hubserver import main
+    from tests.support.hubserver import main
 
     assert main(["--root", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Distributed runs of a real checkpoint equal single-process mlx-lm, token for token.
 
 SmolLM2-135M-Instruct (llama, 30 layers, 9 attention / 3 KV heads, tied embeddings), converted
-from its GGUF by `mlxnode.testing.real_model`: 4-bit as shipped (8-bit embeddings), and
+from its GGUF by `tests.support.real_model`: 4-bit as shipped (8-bit embeddings), and
 dequantized to float16 and bfloat16. All three keep llama.cpp's float32 norms, the mixed
 precision that broke the pipeline when the project was proven only on float32 models.
 
@@ -25,7 +25,7 @@ from mlx_lm.generate import BatchGenerator, stream_generate
 from mlx_lm.utils import load as mlx_lm_load
 from test_engine import mlxnode_run
 
-from mlxnode.testing.real_model import VARIANTS, real_model
+from tests.support.real_model import VARIANTS, real_model
 
 PROMPT = "What is the capital of France?"
 # Different lengths, and answers of different lengths: the short ones end with <|im_end|>

@@ -17,7 +17,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from mlxnode.testing import real_model as rm
+from tests.support import real_model as rm
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 INDEX = rm.INDEX_FILE

@@ -235,9 +235,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    from mlxnode.testing.hubserver import GATED_MARKER, HubServer
-    from mlxnode.testing.testbed import Testbed
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.hubserver import GATED_MARKER, HubServer
+    from tests.support.testbed import Testbed
+    from tests.support.tiny_model import make_tiny_model
 
     work = tmp_path_factory.mktemp("reliability")
     # Build the wheel from a snapshot, so edits to the tree during the session change nothing.

@@ -51,7 +51,7 @@ class FakeGroup:
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mlxnode.testing.tiny_model import make_tiny_model
+    from tests.support.tiny_model import make_tiny_model
 
     return make_tiny_model(
         tmp_path_factory.mktemp("sharding") / "tiny-qwen2", arch="qwen2", num_layers=NUM_LAYERS

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import requires, session_testbed
 
-from mlxnode.testing import testbed as tb_mod
+from tests.support import testbed as tb_mod
 
 # Names and subnets of this session's own: a developer's `mlxnode` testbed, or another
 # session's, is never touched.
@@ -306,7 +306,7 @@ def test_cli_refuses_to_run_without_root():
     # Map root to uid 1000 in a user namespace: not root, yet the venv under /root is readable.
     out = subprocess.run(
         ["unshare", "--map-user=1000", "--map-group=1000"]
-        + [sys.executable, "-m", "mlxnode.testing.testbed", "status", "--name", NAME],
+        + [sys.executable, "-m", "tests.support.testbed", "status", "--name", NAME],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,7 +9,7 @@ import mlx_lm
 import pytest
 from mlx_lm import stream_generate
 
-from mlxnode.testing.tiny_model import (
+from tests.support.tiny_model import (
     INDEX_FILE,
     SINGLE_FILE,
     SUPPORTED_ARCHS,
@@ -269,7 +269,7 @@ def test_cli_reports_errors_on_one_line(tmp_path, capsys):
 def test_module_runs_as_a_script(tmp_path):
     out = tmp_path / "m"
     result = subprocess.run(
-        [sys.executable, "-m", "mlxnode.testing.tiny_model", str(out), "--shards", "1"],
+        [sys.executable, "-m", "tests.support.tiny_model", str(out), "--shards", "1"],
         capture_output=True,
         text=True,
         check=True,

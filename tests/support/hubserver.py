@@ -25,7 +25,7 @@ Tests drive failures through `HubServer.faults` and check traffic through
 
 Run it in the background for a script::
 
-    python -m mlxnode.testing.hubserver --root DIR --rate-limit 20MB --port-file hub.port
+    python -m tests.support.hubserver --root DIR --rate-limit 20MB --port-file hub.port
 """
 
 from __future__ import annotations
@@ -1077,7 +1077,7 @@ class HubServer:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlxnode.testing.hubserver",
+        prog="python -m tests.support.hubserver",
         description="Serve a directory of model repos as a Hugging Face Hub endpoint.",
     )
     parser.add_argument("--root", type=Path, required=True, help="directory of <org>/<name>/ repos")

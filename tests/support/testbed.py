@@ -5,9 +5,9 @@ namespaces with a private /root, /tmp, /etc/hosts, /etc/ssh, hostname and proces
 running its own sshd. Ansible, paramiko and mlx.launch reach the hosts over real SSH, host
 key checking on, exactly as they reach real Macs::
 
-    python -m mlxnode.testing.testbed up --hosts 3    # also writes inventory/testbed/hosts.yml
-    python -m mlxnode.testing.testbed status
-    python -m mlxnode.testing.testbed down
+    python -m tests.support.testbed up --hosts 3    # also writes inventory/testbed/hosts.yml
+    python -m tests.support.testbed status
+    python -m tests.support.testbed down
 
 Everything the testbed creates is recorded in its state dir, and `down` removes exactly that.
 """
@@ -83,7 +83,7 @@ exec "$4" -D -e -f /etc/ssh/sshd_config
 """
 
 _SSHD_CONFIG = """\
-# Written by mlxnode.testing.testbed for host {host} of testbed {name!r}.
+# Written by tests.support.testbed for host {host} of testbed {name!r}.
 ListenAddress {ip}
 ListenAddress 127.0.0.1
 Port {port}
@@ -544,7 +544,7 @@ class Testbed:
             }
         }
         header = (
-            f"# Written by `python -m mlxnode.testing.testbed up` for testbed {self.name!r}.\n"
+            f"# Written by `python -m tests.support.testbed up` for testbed {self.name!r}.\n"
             "# Regenerated on every `up`; edit the testbed, not this file.\n"
             "---\n"
         )
@@ -1082,7 +1082,7 @@ def _last_line(path: Path) -> str:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    """Build the parser for `python -m mlxnode.testing.testbed`."""
+    """Build the parser for `python -m tests.support.testbed`."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--name",
@@ -1109,7 +1109,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(
-        prog="python -m mlxnode.testing.testbed",
+        prog="python -m tests.support.testbed",
         description="Run N real SSH hosts in network namespaces on this Linux machine.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{up,status,down}")

@@ -6,7 +6,7 @@ Face checkpoint names, split over several safetensors files the way large checkp
 same arguments always give the same bytes, so tests can compare checksums and caches can key on
 them.
 
-    python -m mlxnode.testing.tiny_model /tmp/tiny-qwen2 --arch qwen2 --shards 4
+    python -m tests.support.tiny_model /tmp/tiny-qwen2 --arch qwen2 --shards 4
 """
 
 import argparse
@@ -767,9 +767,9 @@ def _move_into_place(tmp: Path, out: Path, *, overwrite: bool) -> None:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    """The `python -m mlxnode.testing.tiny_model` argument parser."""
+    """The `python -m tests.support.tiny_model` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m mlxnode.testing.tiny_model",
+        prog="python -m tests.support.tiny_model",
         description="Write a deterministic tiny Hugging-Face-style model that mlx_lm.load accepts.",
     )
     parser.add_argument("out_dir", type=Path, help="Directory to create for the model.")

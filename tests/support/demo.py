@@ -34,7 +34,7 @@ DEFAULT_HOSTS = 3
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlxnode.testing.demo",
+        prog="python -m tests.support.demo",
         description="Deploy, prewarm and run a real 4-bit model on a local multi-host testbed.",
     )
     parser.add_argument("--hosts", type=int, default=DEFAULT_HOSTS, help="Testbed hosts (ranks).")
