@@ -87,7 +87,7 @@ def session_testbed(kind: str) -> tuple[str, str]:
     carry the kind's letter and the pid; the subnet's second octet the kind, its third
     the pid.
     """
-    kinds = "artd"  # ansible e2e, reliability, testbed, down
+    kinds = "artd"  # the shared cluster, (r: free), testbed, down
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     n, token = os.getpid() % 36**3, ""
     for _ in range(3):
@@ -143,6 +143,19 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     (root / TINY_GATED / GATED_MARKER).touch()
     with HubServer(root, token=HUB_TOKEN) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One provisioned 3-host testbed, shared by the e2e and reliability tests (see
+    tests.support.cluster); site.yml has run on it once."""
+    from tests.support.cluster import provisioned
+
+    name, subnet = session_testbed("a")
+    with provisioned(tmp_path_factory.mktemp("cluster"), name, subnet) as cluster:
+        cluster.site.check()
+        print(f"\nprovisioned: first site.yml {cluster.site.seconds:.1f} s")
+        yield cluster
 
 
 @dataclass(frozen=True)

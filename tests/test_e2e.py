@@ -4,7 +4,9 @@ site.yml installs from the controller's wheelhouse (the hosts have no package in
 prewarms an uneven pipeline split; run.yml generates across the three hosts with
 mlx.launch and must equal single-process mlx-lm; a second site.yml changes nothing;
 health.yml passes, then fails with a table once a cache file is gone; fanout fetches
-every file from the Hub once. Everything is torn down even when a test fails.
+every file from the Hub once. The testbed is the session's shared one (the `cluster`
+fixture, tests/support/cluster.py), torn down even when a test fails; each test leaves it
+as it found it.
 """
 
 from __future__ import annotations
@@ -14,24 +16,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from conftest import requires, session_testbed
+from conftest import requires
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-# A name and subnet of this session's own: a developer's `mlxnode` testbed, or another
-# session's, is never touched.
-NAME, SUBNET = session_testbed("a")
-MODEL = "mlxnode-test/tiny-llama"
-SPLIT = [4, 2, 2]  # uneven on purpose: rank 0 holds layers 4-7, rank 1 2-3, rank 2 0-1
-HOSTS = ("h1", "h2", "h3")
+from tests.support.cluster import HOSTS, MODEL, ROOT, SPLIT, VENV_BIN, Cluster
+
 METADATA = {
     "config.json",
     "model.safetensors.index.json",
@@ -74,125 +66,12 @@ REAL_NEEDED = {
 }
 PROMPT = "The morning train left the station"
 MAX_TOKENS = 12
-RECAP = re.compile(
-    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
-)
 LOG_LINE = re.compile(
     r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[Rank (\d+)/3\] (DEBUG|INFO|WARNING|ERROR) \S+: "
 )
 
 # Missing root, iproute2, sshd or rsync skips these tests, or fails them under CI.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires("root", "iproute2", "sshd", "rsync")]
-
-
-@dataclass
-class Cluster:
-    bed: object
-    hub: object
-    hub_root: Path
-    inventory: Path
-    work: Path
-    site: Play | None = None  # the fixture's first site.yml
-
-    def playbook(self, name: str, *extra: str, timeout: float = 600) -> Play:
-        argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory)]
-        argv += [str(ROOT / "playbooks" / name), *extra]
-        env = {
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCAL_TEMP": str(self.work / "ansible-tmp"),
-        }
-        started = time.monotonic()
-        proc = subprocess.run(
-            argv,
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            timeout=timeout,
-        )
-        return Play(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
-
-    def ssh(self, host: str, command: str) -> str:
-        proc = subprocess.run(
-            self.bed.ssh_command(host, command), capture_output=True, text=True, timeout=60
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    def snapshot_files(self, host: str, model: str = MODEL) -> set[str]:
-        folder = model.replace("/", "--")
-        out = self.ssh(host, f"ls ~/.cache/mlx_models/{folder}/snapshots/*/ 2>/dev/null || true")
-        return set(out.split())
-
-    def forget(self, model: str = MODEL) -> None:
-        """Delete `model` from every host's cache."""
-        for host in HOSTS:
-            self.ssh(host, f"rm -rf ~/.cache/mlx_models/{model.replace('/', '--')}")
-
-
-@dataclass
-class Play:
-    rc: int
-    output: str
-    seconds: float
-
-    def recap(self) -> dict[str, dict[str, int]]:
-        return {
-            m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]),
-                   "failed": int(m[4])}
-            for m in RECAP.findall(self.output)
-        }  # fmt: skip
-
-    def check(self) -> Play:
-        assert self.rc == 0, self.output[-8000:]
-        return self
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    from tests.support.hubserver import HubServer
-    from tests.support.testbed import Testbed
-    from tests.support.tiny_model import make_tiny_model
-
-    work = tmp_path_factory.mktemp("ansible-e2e")
-    # Build the wheel from a snapshot: edits to the tree during the session would otherwise
-    # rebuild it and make the idempotence checks fail for the wrong reason.
-    source = work / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(
-        ROOT / "mlxnode", source / "mlxnode", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    hub_root = work / "hub"
-    make_tiny_model(hub_root / MODEL, arch="llama", num_layers=8, num_shards=4)
-    bed = Testbed(NAME, hosts=3, subnet=SUBNET)
-    bed.down()  # whatever an interrupted earlier run left behind
-    try:
-        bed.up()
-        with HubServer(hub_root, host=bed.controller_ip, port=0) as hub:
-            inventory = work / "inventory" / "hosts.yml"
-            bed.write_inventory(
-                inventory,
-                group_vars={
-                    "mlxnode_model": MODEL,
-                    "mlxnode_split": SPLIT,
-                    "mlxnode_strategy": "pipeline",
-                    "mlxnode_hf_endpoint": hub.endpoint,
-                    "mlxnode_cache_controller_dir": str(work / "controller-cache"),
-                    "mlxnode_run_logs_dir": str(work / "logs"),
-                    "mlxnode_host_source_dir": str(source),
-                },
-            )
-            cluster = Cluster(bed, hub, hub_root, inventory, work)
-            # Provisioned here, not by the first test, so every test runs on its own.
-            cluster.site = cluster.playbook("site.yml", timeout=900)
-            yield cluster
-    finally:
-        bed.down()
 
 
 def test_site_deploys_from_the_wheelhouse_and_prewarms_each_rank_its_files(cluster):
@@ -204,7 +83,7 @@ def test_site_deploys_from_the_wheelhouse_and_prewarms_each_rank_its_files(clust
         held = cluster.snapshot_files(host)
         assert held == NEEDED[rank], f"{host} (rank {rank}) holds {sorted(held)}"
         # Installed from the copied wheelhouse with --no-index: the hosts have no index.
-        wheels = cluster.ssh(host, "ls ~/.mlxnode/wheelhouse")
+        wheels = cluster.out(host, "ls ~/.mlxnode/wheelhouse")
         assert "requirements.lock" in wheels and "mlxnode-" in wheels
     assert len({frozenset(cluster.snapshot_files(h)) for h in ("h1", "h2", "h3")}) == 3
     assert "Hosts disagree" not in play.output
@@ -428,7 +307,7 @@ def test_fanout_takes_a_commit_as_the_revision(cluster):
         for rank, host in enumerate(HOSTS):
             assert cluster.snapshot_files(host) == NEEDED[rank]
             # A commit names itself: no ref is written, or pushed.
-            assert cluster.ssh(host, "ls ~/.cache/mlx_models/*/refs 2>/dev/null || true") == ""
+            assert cluster.out(host, "ls ~/.cache/mlx_models/*/refs 2>/dev/null || true") == ""
         assert "All 3 hosts are ready" in cluster.playbook("health.yml", *pinned).check().output
     finally:
         cluster.playbook("configure.yml").check()

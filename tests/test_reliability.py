@@ -1,7 +1,8 @@
 """Reliability and security faults, injected for real on a provisioned 3-host testbed.
 
-One cluster per session: a testbed of its own (name and subnet), a Hub server on its
-bridge that also serves a gated repo, and site.yml run once from a snapshot of the tree.
+The session's one shared cluster (the `cluster` fixture, tests/support/cluster.py): a
+testbed of its own (name and subnet), a Hub server on its bridge that also serves a gated
+repo, and site.yml run once from a snapshot of the tree, shared with tests/test_e2e.py.
 Each test injects one fault for real and reverts it, so the tests are independent:
 a rank SIGKILLed mid-generation, a host's link cut mid-generation, a host down or a
 ring port taken before the run, a different mlxnode on one host, a flipped byte and a
@@ -23,40 +24,35 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from secrets import token_hex
 
 import pytest
 import yaml
-from conftest import requires, session_testbed
+from conftest import requires
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-# A name and subnet of this session's own: no other testbed (a developer's, test_e2e's,
-# another session's) is touched, and two sessions on one machine do not collide.
-NAME, SUBNET = session_testbed("r")
-HOSTS = ("h1", "h2", "h3")
-MODEL = "mlxnode-test/tiny-llama"
-SPLIT = [4, 2, 2]  # rank 0 holds layers 4-7, rank 1 layers 2-3, rank 2 layers 0-1
-GATED = "mlxnode-test/tiny-gated"
+from tests.support.cluster import (
+    CACHE_DIR,
+    GATED,
+    HOSTS,
+    LOCK,
+    MODEL,
+    RING_PORT,
+    ROOT,
+    SPLIT,
+    TOKEN,
+    VENV_BIN,
+    Cluster,
+    Play,
+    wait_for,
+)
+
 GATED_SPLIT = [2, 1, 1]
-# New each session, so a file left by an earlier session can never be mistaken for a leak.
-TOKEN = f"hf_mlxrel{token_hex(16)}"
-PROMPT = "The morning train left the station"
-# Long enough that a run is still generating when a fault hits it (the model allows 8192).
-LONG = 4000
-RING_PORT = 32323  # mlx.launch's default; rank r listens on RING_PORT + r
-RUNS_DIR = "/root/.mlxnode/runs"
-LOCK = "/root/.mlxnode/cluster.lock"  # the launcher's one lock (never unlinked)
-CACHE_DIR = "/root/.cache/mlx_models"
 VENV_DIR = "/root/.mlxnode/venv"
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] \[Rank (\d+)/3\] (\w+) ", re.M)
-RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 # Missing root, iproute2, sshd or rsync skips these tests, or fails them under CI.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires("root", "iproute2", "sshd", "rsync")]
@@ -69,215 +65,6 @@ def record(test: str, **figures: object) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"test": test, **figures}) + "\n")
-
-
-@dataclass
-class Play:
-    rc: int
-    output: str
-    seconds: float
-
-    def check(self) -> Play:
-        assert self.rc == 0, self.output[-8000:]
-        return self
-
-    def failure(self) -> str:
-        """The play's failure message, with Ansible's line wrapping undone."""
-        assert self.rc != 0, self.output[-4000:]
-        return " ".join(self.output.split())
-
-
-class Running:
-    """An ansible-playbook started in the background."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path, started: float):
-        self.proc, self.log, self.started = proc, log, started
-
-    def wait(self, timeout: float = 600) -> Play:
-        self.proc.wait(timeout=timeout)
-        return Play(self.proc.returncode, self.log.read_text(), time.monotonic() - self.started)
-
-
-@dataclass
-class Cluster:
-    bed: object
-    hub: object
-    hub_root: Path
-    inventory: Path
-    work: Path
-
-    @property
-    def logs(self) -> Path:
-        return self.work / "logs"
-
-    def _argv_env(self, name: str, extra: tuple[str, ...], inventory: Path | None = None):
-        argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory or self.inventory)]
-        argv += [str(ROOT / "playbooks" / name), *extra]
-        env = {
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCAL_TEMP": str(self.work / "ansible-tmp"),
-        }
-        return argv, env
-
-    def playbook(self, name: str, *extra: str, timeout: float = 600) -> Play:
-        argv, env = self._argv_env(name, extra)
-        started = time.monotonic()
-        proc = subprocess.run(
-            argv,
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            timeout=timeout,
-        )
-        return Play(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
-
-    def start(self, name: str, *extra: str, log: str) -> Running:
-        argv, env = self._argv_env(name, extra)
-        path = self.work / f"{log}.out"
-        with path.open("w") as out:
-            proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        return Running(proc, path, time.monotonic())
-
-    def run_vars(self, run_id: str, *args: str, max_tokens: int = 8) -> tuple[str, ...]:
-        extra = {
-            "prompt": PROMPT,
-            "run_id": run_id,
-            "mlxnode_run_args": ["--max-tokens", str(max_tokens), "--no-chat-template", *args],
-        }
-        return ("-e", json.dumps(extra))
-
-    def run(self, run_id: str, *args: str, max_tokens: int = 8, verbose: bool = False) -> Play:
-        extra = self.run_vars(run_id, *args, max_tokens=max_tokens)
-        return self.playbook("run.yml", *extra, *(["-vvv"] if verbose else []))
-
-    def start_run(self, run_id: str, *args: str, max_tokens: int = LONG) -> Running:
-        return self.start(
-            "run.yml", *self.run_vars(run_id, *args, max_tokens=max_tokens), log=run_id
-        )
-
-    def ssh(self, host: str, command: str, *, check: bool = True, timeout: float = 60):
-        proc = subprocess.run(
-            self.bed.ssh_command(host, command), capture_output=True, text=True, timeout=timeout
-        )
-        if check:
-            assert proc.returncode == 0, f"{host}: {command}: {proc.stderr}"
-        return proc
-
-    def generating(self, run_id: str) -> bool:
-        """Rank 0 has streamed answer text: every rank is past loading and in generation."""
-        out = self.ssh(
-            "h1", f"cat {RUNS_DIR}/{run_id}/launcher.stdout.log 2>/dev/null", check=False
-        ).stdout
-        marker = out.rfind("waiting for the other ranks")
-        return marker >= 0 and len(out[marker:].split("\n", 1)[-1].strip()) >= 5
-
-    def leftovers(self) -> dict[str, str]:
-        """Per host: ranks still running, ring ports still listening, the lock still held."""
-        ports = f"sport >= :{RING_PORT} and sport <= :{RING_PORT + len(HOSTS) - 1}"
-        found = {}
-        for host in HOSTS:
-            out = self.ssh(
-                host,
-                f"pgrep -af '[m]lxnode run'; ss -Htln '( {ports} )'; "
-                f"test -e {LOCK} && ! flock -n {LOCK} true && echo 'lock held: {LOCK}'",
-                check=False,
-            ).stdout.strip()
-            if out:
-                found[host] = out
-        return found
-
-    def assert_nothing_started(self, run_id: str) -> None:
-        """No rank of `run_id` runs, or ever wrote its log, on any host."""
-        for host in HOSTS:
-            out = self.ssh(
-                host,
-                f"pgrep -af '[m]lxnode run --run-id {run_id}'; "
-                f"ls {RUNS_DIR}/{run_id}/inference.rank*.log 2>/dev/null",
-                check=False,
-            ).stdout.strip()
-            assert out == "", f"{host}: {out}"
-
-    def rank_logs(self, run_id: str) -> dict[str, Path]:
-        return {
-            host: self.logs / run_id / host / f"inference.rank{rank}.log"
-            for rank, host in enumerate(HOSTS)
-        }
-
-    def weight_file(self, rank: int, model: str = MODEL, split=SPLIT) -> str:
-        """The first weight file `rank` needs, as a (glob) path on its host."""
-        from mlxnode.sharding import files_for_layers
-
-        index = json.loads((self.hub_root / model / "model.safetensors.index.json").read_text())
-        start = sum(split[:rank])
-        name = sorted(files_for_layers(index["weight_map"], start, start + split[rank]))[0]
-        return f"{CACHE_DIR}/{model.replace('/', '--')}/snapshots/*/{name}"
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.3)
-    return time.monotonic() - started
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    from tests.support.hubserver import GATED_MARKER, HubServer
-    from tests.support.testbed import Testbed
-    from tests.support.tiny_model import make_tiny_model
-
-    work = tmp_path_factory.mktemp("reliability")
-    # Build the wheel from a snapshot, so edits to the tree during the session change nothing.
-    source = work / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(
-        ROOT / "mlxnode", source / "mlxnode", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    hub_root = work / "hub"
-    make_tiny_model(
-        hub_root / MODEL, arch="llama", num_layers=8, num_shards=4, max_position_embeddings=8192
-    )
-    make_tiny_model(hub_root / GATED, arch="llama", num_layers=4, num_shards=2)
-    (hub_root / GATED / GATED_MARKER).touch()
-    bed = Testbed(NAME, hosts=3, subnet=SUBNET)
-    bed.down()  # whatever an interrupted earlier run left behind
-    try:
-        bed.up()
-        with HubServer(hub_root, host=bed.controller_ip, port=0, token=TOKEN) as hub:
-            inventory = work / "inventory" / "hosts.yml"
-            bed.write_inventory(
-                inventory,
-                group_vars={
-                    "mlxnode_model": MODEL,
-                    "mlxnode_split": SPLIT,
-                    "mlxnode_strategy": "pipeline",
-                    "mlxnode_hf_endpoint": hub.endpoint,
-                    "mlxnode_cache_controller_dir": str(work / "controller-cache"),
-                    "mlxnode_run_logs_dir": str(work / "logs"),
-                    "mlxnode_host_source_dir": str(source),
-                },
-            )
-            cluster = Cluster(bed, hub, hub_root, inventory, work)
-            play = cluster.playbook("site.yml", timeout=900).check()
-            record("provision", site_seconds=round(play.seconds, 1))
-            yield cluster
-    finally:
-        bed.down()
 
 
 @pytest.fixture(autouse=True)
@@ -382,7 +169,7 @@ def test_an_unreachable_host_is_named_by_the_preflight_within_20s(cluster):
     assert re.search(r"- 1 h2 NO \(unreachable over SSH", message), message[-3000:]
     assert "not reachable: h2" in message
     # Ansible itself never waited on h2: the launcher's pre-flight refused first.
-    recap = {m[0]: int(m[1]) for m in RECAP.findall(play.output)}
+    recap = {host: counts["unreachable"] for host, counts in play.recap().items()}
     assert recap.get("h2") == 0, recap
     cluster.assert_nothing_started("rel-down")
 
