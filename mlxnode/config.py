@@ -40,6 +40,13 @@ DEFAULT_MAX_RETRIES = 5
 DEFAULT_BACKOFF_BASE = 1.0
 DEFAULT_LOCK_TIMEOUT = 600.0
 DEFAULT_STEP_TIMEOUT = 60.0
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_SERVE_PORT = 8080
+DEFAULT_SERVE_QUEUE_SIZE = 64
+DEFAULT_SERVE_MAX_BATCH = 32
+DEFAULT_SERVE_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_SERVE_READY_WINDOW = 30.0
+DEFAULT_SERVE_READY_DEADLINE = 10.0
 
 # A config file is a few hundred bytes; anything this big is a mistake, and parsing it is slow.
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -136,12 +143,55 @@ class DistributedConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = field(
+        default=DEFAULT_SERVE_HOST,
+        metadata={"help": "Address rank 0's HTTP server binds; another than loopback wants a key."},
+    )
+    port: int = field(
+        default=DEFAULT_SERVE_PORT,
+        metadata={"help": "TCP port of rank 0's HTTP server.", "min": 1, "max": 65535},
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Key clients send as `Authorization: Bearer KEY`; unset: none needed.",
+            "secret": True,
+        },
+    )
+    queue_size: int = field(
+        default=DEFAULT_SERVE_QUEUE_SIZE,
+        metadata={"help": "Requests waiting to join the batch; more are answered 429.", "min": 1},
+    )
+    max_batch: int = field(
+        default=DEFAULT_SERVE_MAX_BATCH,
+        metadata={"help": "Requests generating at once (the running batch).", "min": 1},
+    )
+    max_body_bytes: int = field(
+        default=DEFAULT_SERVE_MAX_BODY_BYTES,
+        metadata={"help": "Largest request body accepted; more is answered 413.", "min": 1},
+    )
+    ready_window: float = field(
+        default=DEFAULT_SERVE_READY_WINDOW,
+        metadata={
+            "help": "/ready needs a probe generation on every rank this recent (s).",
+            "min": 1.0,
+        },
+    )
+    ready_deadline: float = field(
+        default=DEFAULT_SERVE_READY_DEADLINE,
+        metadata={"help": "Seconds a probe generation may take before /ready fails.", "min": 0.1},
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 @dataclass
@@ -164,6 +214,12 @@ def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, type]]:
         section_hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
             yield f"{section.name}.{f.name}", f, section_hints[f.name]
+
+
+def is_secret(key: str) -> bool:
+    """Whether the setting `key` holds a secret, which is never shown or logged."""
+    fields = {k: f for k, f, _ in iter_fields()}
+    return bool(fields[key].metadata.get("secret"))
 
 
 def env_var_name(key: str) -> str:

@@ -136,7 +136,7 @@ def _run(
     stdout: TextIO | None,
     load_timeout: float | None,
 ) -> RunResult:
-    group = _join(config.distributed.backend, watchdog, load_timeout)
+    group = join_guarded(config.distributed.backend, watchdog, load_timeout)
     logger.info(
         "rank %d of %d on %s%s",
         group.rank(),
@@ -144,7 +144,7 @@ def _run(
         socket.gethostname(),
         f", run {run_id}" if run_id else "",
     )
-    wait, guard = _guards(watchdog, group, load_timeout)
+    wait, guard = phase_guards(watchdog, group, load_timeout)
     metadata = read_metadata(config)
     with (
         distributed.peer_errors(group.rank(), "receiving the prompts"),
@@ -193,7 +193,9 @@ def _run(
     return _report(generation.completions, metrics, output=output, metrics_json=metrics_json)
 
 
-def _join(backend: str, watchdog: Watchdog, load_timeout: float | None) -> mx.distributed.Group:
+def join_guarded(
+    backend: str, watchdog: Watchdog, load_timeout: float | None
+) -> mx.distributed.Group:
     """Join the group, bounded by `load_timeout` when a launcher started several ranks."""
     guarded = distributed.launched() and load_timeout is not None
     with (
@@ -206,7 +208,7 @@ def _join(backend: str, watchdog: Watchdog, load_timeout: float | None) -> mx.di
     return group
 
 
-def _guards(
+def phase_guards(
     watchdog: Watchdog, group: mx.distributed.Group, load_timeout: float | None
 ) -> tuple[Guard, Guard]:
     """(wait, step): bound a wait for the slowest peer by `load_timeout` (None: unbounded),

@@ -177,20 +177,29 @@ def encode_text(tokenizer: Any, text: str, *, chat_template: bool) -> list[int]:
         UsageError: the chat template cannot be applied.
     """
     if chat_template:
-        from jinja2 import TemplateError
-
-        try:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        except TemplateError as e:
-            raise UsageError(
-                f"the chat template cannot be applied ({type(e).__name__}: {e}); fix "
-                "--chat-template (or the model's template) or pass --no-chat-template"
-            ) from e
-        return list(tokenizer.encode(rendered, add_special_tokens=False))
+        return encode_messages(tokenizer, [{"role": "user", "content": text}])
     bos = tokenizer.bos_token
     return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids for a chat (`[{"role": ..., "content": ...}]`) through the chat template.
+
+    Raises:
+        UsageError: the chat template cannot be applied.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        rendered = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as e:
+        raise UsageError(
+            f"the chat template cannot be applied ({type(e).__name__}: {e}); fix "
+            "--chat-template (or the model's template) or pass --no-chat-template"
+        ) from e
+    return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def make_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
@@ -198,6 +207,32 @@ def make_sampler(temperature: float, top_p: float) -> Callable[[mx.array], mx.ar
     from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 
     return mlx_lm_make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
+
+
+def seeded_sampler(
+    temperature: float, top_p: float, seed: int
+) -> Callable[[mx.array], mx.array] | None:
+    """A sampler with a random stream of its own, seeded by `seed`; None when greedy.
+
+    Unlike `make_sampler` it does not draw from MLX's global generator, so one request's
+    tokens depend only on its seed, not on what else shares the batch; every rank that
+    builds it from the same arguments draws the same tokens. None lets a batch generator
+    use its greedy fallback, shared by every greedy request in one batched argmax.
+    """
+    if temperature == 0:
+        return None
+    from mlx_lm.sample_utils import apply_top_p
+
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=draw)
+
+    return sample
 
 
 # -- one-shot generation
@@ -329,6 +364,7 @@ def batch_generator(
     *,
     sampler: Callable[[mx.array], mx.array] | None = None,
     max_tokens: int,
+    max_batch: int | None = None,
 ) -> Any:
     """mlx-lm's `BatchGenerator` for `sharded`, stopping at the tokenizer's end tokens.
 
@@ -338,21 +374,35 @@ def batch_generator(
         sharded: This rank's shard.
         sampler: Picks each token; None: greedy.
         max_tokens: The most tokens a request inserted without its own limit generates.
+        max_batch: The most requests generating at once (None: mlx-lm's default); the
+            others wait for a place.
     """
     from mlx_lm.generate import BatchGenerator
 
+    sizes = {} if max_batch is None else {"completion_batch_size": max_batch}
     return BatchGenerator(
         sharded.model,
         max_tokens=max_tokens,
         stop_tokens=[[t] for t in sorted(sharded.tokenizer.eos_token_ids)],
         sampler=sampler,
+        **sizes,
     )
 
 
-def insert(generator: Any, batch: Sequence[EncodedPrompt]) -> list[int]:
-    """Queue `batch` on `generator`; returns each prompt's uid, in order."""
+def insert(
+    generator: Any,
+    batch: Sequence[EncodedPrompt],
+    *,
+    samplers: Sequence[Callable[[mx.array], mx.array] | None] | None = None,
+) -> list[int]:
+    """Queue `batch` on `generator`; returns each prompt's uid, in order.
+
+    `samplers`: one per prompt (None: the generator's own); default: the generator's own.
+    """
     return generator.insert(
-        [item.ids for item in batch], max_tokens=[item.max_tokens for item in batch]
+        [item.ids for item in batch],
+        max_tokens=[item.max_tokens for item in batch],
+        samplers=list(samplers) if samplers is not None else None,
     )
 
 

@@ -127,7 +127,37 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
         "Seconds a rank waits on its peers before failing.",
         metavar="S",
     ),
+    ConfigFlag("serve.host", ("--host",), "Address rank 0's HTTP server binds.", metavar="ADDR"),
+    ConfigFlag("serve.port", ("--port",), "TCP port of rank 0's HTTP server.", metavar="PORT"),
+    ConfigFlag(
+        "serve.queue_size",
+        ("--queue-size",),
+        "Requests that may wait for a place in the batch; more get 429.",
+        metavar="N",
+    ),
+    ConfigFlag("serve.max_batch", ("--max-batch",), "Requests generating at once.", metavar="N"),
+    ConfigFlag(
+        "serve.max_body_bytes",
+        ("--max-body-bytes",),
+        "Largest request body; more gets 413.",
+        metavar="N",
+    ),
+    ConfigFlag(
+        "serve.ready_window",
+        ("--ready-window",),
+        "/ready needs a probe generation on every rank within this many seconds.",
+        metavar="S",
+    ),
+    ConfigFlag(
+        "serve.ready_deadline",
+        ("--ready-deadline",),
+        "Seconds a probe generation may take before /ready answers 503.",
+        metavar="S",
+    ),
 )
+
+# The sections every verb but `serve` takes flags for.
+RUN_SECTIONS = ("model", "generation", "cache", "logging", "distributed")
 
 
 def add_config_flags(

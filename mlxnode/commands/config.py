@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import iter_fields
+from ..config import is_secret, iter_fields
 from .common import add_config_flags, resolve_config
 
 
@@ -24,6 +24,8 @@ def main(args: argparse.Namespace) -> int:
     for key, _field, _type in iter_fields():
         section, name = key.split(".")
         value = getattr(getattr(resolved.config, section), name)
+        if value is not None and is_secret(key):
+            value = "***"  # that it is set, and where from, but never the secret itself
         rows.append((key, value, resolved.sources[key]))
     if args.json:
         print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))

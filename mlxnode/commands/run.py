@@ -16,7 +16,7 @@ from ..config import ResolvedConfig
 from ..errors import MlxnodeError, UsageError
 from ..logs import current_rank
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
-from .common import add_config_flags, configure
+from .common import RUN_SECTIONS, add_config_flags, configure
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--yes", action="store_true", help="With --clear-cache: delete without asking."
     )
-    add_config_flags(parser)
+    add_config_flags(parser, sections=RUN_SECTIONS)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,46 @@
+"""`mlxnode serve`: keep the model loaded over the ranks and answer an OpenAI-compatible API.
+
+Start it on every rank, as `mlxnode run` (``mlx.launch ... -m mlxnode serve ...``, or plain
+``mlxnode serve`` for one process). Rank 0 serves HTTP on ``--host``/``--port``; every rank
+takes part in every generation. It runs until stopped (SIGTERM or Ctrl-C on the launcher).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MlxnodeError
+from .common import add_config_flags, configure
+
+DESCRIPTION = """\
+Keep the model loaded over every rank mlx.launch started and serve it on rank 0:
+POST /v1/chat/completions, POST /v1/completions (OpenAI-compatible, streaming or not),
+GET /v1/models, GET /health (alive), GET /ready (loaded on every rank and a probe
+generation across all ranks finished in time, recently), GET /metrics (Prometheus).
+The API key (serve.api_key, MLXNODE_SERVE_API_KEY) is read from the config file or the
+environment only, never from a flag, so it stays out of process listings.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="Serve the model over HTTP (OpenAI-compatible) with every rank taking part.",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_flags(parser)
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    resolved = configure(args)
+    try:
+        from .. import server
+    except ImportError as e:
+        raise MlxnodeError(
+            f"the server cannot be imported ({e}); reinstall mlxnode with its MLX extra "
+            "(pip install 'mlxnode[cpu]' off macOS)"
+        ) from e
+    server.serve(resolved.config)
+    return 0

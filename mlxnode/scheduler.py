@@ -1,0 +1,524 @@
+"""The serving loop: rank 0 decides every step, every rank carries the decision out.
+
+Rank 0's `Scheduler` takes requests from the HTTP thread through a bounded queue, and before
+each step of the model makes a `Decision`: which requests join the running batch (with their
+token ids and sampling), which leave it (cancelled, or stopped by a stop string), whether to
+run a readiness probe, whether to stop. The decision is broadcast (`distributed.broadcast_json`),
+and every rank's `Executor` applies it to its own mlx-lm `BatchGenerator` and runs one step, so
+the ranks can never disagree about what is running. All MLX work stays in the main thread.
+
+When nothing runs, rank 0 waits on its queue for up to `HEARTBEAT_SECONDS` and then broadcasts
+an idle decision anyway: the other ranks wait inside that collective, and each decision is a
+watchdog beat, so idling never trips the step timeout while a hung peer still does.
+
+Requests that end because of the model (end-of-sequence, `max_tokens`) leave every rank's
+generator by themselves, at the same step. Everything else that ends a request early is decided
+on rank 0 and leaves at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from . import distributed
+from .generation import EncodedPrompt, Token, batch_generator, insert, seeded_sampler, step
+from .loading import ShardedModel
+from .prompts import Prompt
+
+logger = logging.getLogger(__name__)
+
+# Longest wait for a request while nothing runs, before an idle decision keeps ranks in step.
+HEARTBEAT_SECONDS = 1.0
+# The probe is a request of its own; HTTP requests never get ids starting with this.
+PROBE_PREFIX = "probe-"
+
+
+class QueueFull(Exception):
+    """The scheduler's queue is full; try again later."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank needs to run one request: its tokens and how to sample them."""
+
+    id: str
+    ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Rank 0's decision for one step, the same on every rank."""
+
+    join: list[Job] = field(default_factory=list)
+    leave: list[str] = field(default_factory=list)
+    gather: bool = False  # gather every rank's peak memory after the step
+    stop: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Decision:
+        return cls(
+            join=[Job(**job) for job in data["join"]],
+            leave=list(data["leave"]),
+            gather=bool(data["gather"]),
+            stop=bool(data["stop"]),
+        )
+
+
+# -- events rank 0 sends each request's HTTP handler
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of a request (possibly empty: a token that completes no character yet)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request is done: why, and its token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request cannot finish: the serving loop failed."""
+
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class Request:
+    """A request on rank 0: the job, its stop strings, and where its events go.
+
+    `emit` is called from the main thread; it must hand the event over to the caller's
+    thread (the HTTP server's event loop) without blocking.
+    """
+
+    job: Job
+    emit: Callable[[Event], None]
+    stop: Sequence[str] = ()
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class _Output:
+    """A request's text so far, streamed out as deltas, cut at the first stop string."""
+
+    def __init__(self, request: Request, tokenizer: Any):
+        self.request = request
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._sent = 0
+        self.tokens = 0
+        self.last_time: float | None = None
+        # While streaming, hold back text that could still become a stop string.
+        self._hold = max((len(s) for s in request.stop), default=1) - 1
+
+    def add(self, token: Token) -> tuple[str, str | None]:
+        """Record `token`: the text to send now, and the finish reason if it ends the request."""
+        self.tokens += 1
+        if token.finish_reason != "stop":
+            self._ids.append(token.id)
+        text = self._tokenizer.decode(self._ids)
+        cut = _first_stop(text, self.request.stop)
+        if cut is not None:
+            return self._flush(text[:cut]), "stop"
+        if token.finish_reason is not None:
+            return self._flush(text), token.finish_reason
+        # A token that ends inside a multi-byte character decodes to U+FFFD for now.
+        ready = len(text.rstrip("\ufffd")) - self._hold
+        return self._flush(text[: max(ready, self._sent)]), None
+
+    def _flush(self, text: str) -> str:
+        delta, self._sent = text[self._sent :], max(self._sent, len(text))
+        return delta
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def plan(
+    pending: Sequence[Request], running: int, cancelled: set[str], capacity: int
+) -> tuple[list[Request], list[Request]]:
+    """Which pending requests join now, and which wait: cancelled ones are dropped.
+
+    Args:
+        pending: Requests waiting, oldest first.
+        running: Requests in the running batch.
+        cancelled: Ids of requests whose client went away.
+        capacity: The most requests that run at once.
+
+    Returns:
+        (joining, still waiting), each oldest first.
+    """
+    live = [r for r in pending if r.job.id not in cancelled]
+    room = max(capacity - running, 0)
+    return live[:room], live[room:]
+
+
+@dataclass
+class Readiness:
+    """The last readiness probe: a one-token generation that every rank takes part in."""
+
+    loaded: bool = False
+    started: float | None = None  # the probe in flight, if any
+    done: float | None = None
+    seconds: float | None = None
+
+    def check(self, *, window: float, deadline: float, now: float) -> tuple[bool, str]:
+        """(ready, why not) at `now`."""
+        if not self.loaded:
+            return False, "the model is loading"
+        if self.started is not None and now - self.started > deadline:
+            return False, f"a probe generation has run for more than {deadline:g}s"
+        if self.done is None or now - self.done > window:
+            return False, f"no probe generation completed in the last {window:g}s"
+        if self.seconds is not None and self.seconds > deadline:
+            return False, f"the last probe generation took {self.seconds:.1f}s"
+        return True, "ok"
+
+
+class Executor:
+    """One rank's running batch: applies decisions to its generator and steps it."""
+
+    def __init__(self, sharded: ShardedModel, *, max_tokens: int, max_batch: int):
+        self._generator = batch_generator(sharded, max_tokens=max_tokens, max_batch=max_batch)
+        self._uids: dict[int, str] = {}  # generator uid -> request id
+        self._ids: dict[str, int] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self._uids)
+
+    def apply(self, decision: Decision) -> None:
+        gone = [self._ids.pop(rid) for rid in decision.leave if rid in self._ids]
+        if gone:
+            self._generator.remove(gone)
+            for uid in gone:
+                del self._uids[uid]
+        if decision.join:
+            batch = [
+                EncodedPrompt(prompt=Prompt(job.id, ""), ids=job.ids, max_tokens=job.max_tokens)
+                for job in decision.join
+            ]
+            samplers = [seeded_sampler(j.temperature, j.top_p, j.seed) for j in decision.join]
+            uids = insert(self._generator, batch, samplers=samplers)
+            for uid, job in zip(uids, decision.join, strict=True):
+                self._uids[uid] = job.id
+                self._ids[job.id] = uid
+
+    def step(self) -> list[tuple[str, Token]]:
+        """One step of the model: (request id, token) for each token it produced."""
+        if not self._uids:
+            return []
+        produced = step(self._generator) or []
+        out = []
+        for token in produced:
+            rid = self._uids[token.uid]
+            if token.finish_reason is not None:
+                del self._uids[token.uid]
+                del self._ids[rid]
+            out.append((rid, token))
+        return out
+
+    def close(self) -> None:
+        self._generator.close()
+
+
+class Scheduler:
+    """Rank 0's side: the queue the HTTP thread fills, and each step's decision.
+
+    `submit`, `cancel`, `stop`, `ready` and `queue_depth` may be called from any thread;
+    everything else runs in the main thread, inside `serve`.
+
+    Args:
+        queue_size: Requests that may wait; `submit` raises QueueFull beyond.
+        max_batch: Requests that run at once.
+        ready_window: A probe generation must have completed this recently for `ready`.
+        ready_deadline: The longest a probe may take.
+        probe_ids: The probe's prompt (a few tokens).
+        on_step: Called after every step with (queue depth, running requests).
+        on_token: Called for every token of a request with (request, seconds since
+            the previous token or since submission for the first, is first).
+        on_finish: Called when a request finishes, with (request, Finished).
+        on_memory: Called with every rank's {"rank", "host", "peak_memory_bytes"}.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_size: int,
+        max_batch: int,
+        ready_window: float,
+        ready_deadline: float,
+        probe_ids: list[int],
+        on_step: Callable[[int, int], None] | None = None,
+        on_token: Callable[[Request, float, bool], None] | None = None,
+        on_finish: Callable[[Request, Finished], None] | None = None,
+        on_memory: Callable[[list[dict[str, Any]]], None] | None = None,
+    ):
+        self.max_batch = max_batch
+        self.ready_window = ready_window
+        self.ready_deadline = ready_deadline
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._stopping = False
+        self._readiness = Readiness()
+        self._probe_ids = probe_ids
+        self._probes = 0
+        self._waiting: list[Request] = []  # taken off the queue, not yet joined
+        self._outputs: dict[str, _Output] = {}
+        self._finishing: list[str] = []  # ended on rank 0, to leave the other ranks next step
+        self._on_step = on_step or (lambda *_: None)
+        self._on_token = on_token or (lambda *_: None)
+        self._on_finish = on_finish or (lambda *_: None)
+        self._on_memory = on_memory or (lambda *_: None)
+
+    # -- any thread
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; it joins the batch at a coming step.
+
+        Raises:
+            QueueFull: too many requests are waiting already.
+        """
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise QueueFull from None
+
+    def cancel(self, request_id: str) -> None:
+        """Drop `request_id` (its client went away): it leaves the batch at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def stop(self) -> None:
+        """End `serve` on every rank at the next step."""
+        with self._lock:
+            self._stopping = True
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + len(self._waiting)
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, why not): loaded on every rank, and a recent probe made it in time."""
+        with self._lock:
+            return self._readiness.check(
+                window=self.ready_window,
+                deadline=self.ready_deadline,
+                now=time.monotonic(),
+            )
+
+    # -- the main thread
+
+    def loaded(self) -> None:
+        with self._lock:
+            self._readiness.loaded = True
+
+    def decide(self, running: int) -> Decision:
+        """The next step's decision; waits up to a heartbeat when there is nothing to do.
+
+        Args:
+            running: Requests in the executor's batch (the probe included).
+        """
+        idle = running == 0 and not self._waiting and not self._finishing
+        self._take(wait=HEARTBEAT_SECONDS if idle else 0.0)
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            stopping = self._stopping
+        leave = [rid for rid in cancelled if rid in self._outputs] + self._finishing
+        self._finishing = []
+        for rid in leave:
+            self._outputs.pop(rid, None)
+        dropped = [r for r in self._waiting if r.job.id in cancelled]
+        # Every running request has an output here (the probe has none, and a place of its own).
+        joining, self._waiting = plan(self._waiting, len(self._outputs), cancelled, self.max_batch)
+        for request in dropped:
+            logger.info("request %s: the client went away before it started", request.job.id)
+        jobs = [r.job for r in joining]
+        for request in joining:
+            self._outputs[request.job.id] = _Output(request, self._tokenizer)
+        probe = self._probe()
+        if probe is not None:
+            jobs.append(probe)
+        return Decision(join=jobs, leave=leave, gather=probe is not None, stop=stopping)
+
+    def _take(self, *, wait: float) -> None:
+        """Move queued requests to the waiting list; block up to `wait` for the first."""
+        try:
+            if wait > 0 and self._queue.empty():
+                self._waiting.append(self._queue.get(timeout=wait))
+            while True:
+                self._waiting.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _probe(self) -> Job | None:
+        """A probe job when one is due: half a window after the last, none in flight."""
+        now = time.monotonic()
+        with self._lock:
+            r = self._readiness
+            due = r.started is None and (r.done is None or now - r.done >= self.ready_window / 2)
+            if not due:
+                return None
+            r.started = now
+        self._probes += 1
+        return Job(id=f"{PROBE_PREFIX}{self._probes}", ids=self._probe_ids, max_tokens=1)
+
+    def after_step(
+        self,
+        produced: list[tuple[str, Token]],
+        *,
+        running: int,
+        memory: list[dict[str, Any]] | None,
+    ) -> None:
+        """Deliver a step's tokens, and report the batch and (if gathered) every rank's memory."""
+        self._deliver(produced)
+        if memory is not None:
+            self._on_memory(memory)
+        self._on_step(self.queue_depth, running)
+
+    def _deliver(self, produced: list[tuple[str, Token]]) -> None:
+        """Hand each token's text to its request; finish the requests that ended."""
+        for rid, token in produced:
+            if rid.startswith(PROBE_PREFIX):
+                self._probe_done()
+                continue
+            output = self._outputs.get(rid)
+            if output is None:
+                continue  # cancelled; it leaves at the next step
+            request = output.request
+            since = output.last_time if output.last_time is not None else request.submitted
+            self._on_token(request, token.time - since, output.last_time is None)
+            output.last_time = token.time
+            text, finish_reason = output.add(token)
+            if text:
+                request.emit(Delta(text))
+            if finish_reason is None:
+                continue
+            del self._outputs[rid]
+            if token.finish_reason is None:
+                self._finishing.append(rid)  # a stop string: the ranks still run it
+            done = Finished(finish_reason, len(request.job.ids), output.tokens)
+            self._on_finish(request, done)
+            request.emit(done)
+
+    def _probe_done(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            r = self._readiness
+            if r.started is not None:
+                r.seconds, r.done, r.started = now - r.started, now, None
+
+    def fail(self, message: str) -> None:
+        """Tell every request, running or waiting, that it cannot finish."""
+        self._take(wait=0.0)
+        for request in [o.request for o in self._outputs.values()] + self._waiting:
+            request.emit(Failed(message))
+        self._outputs.clear()
+        self._waiting = []
+        with self._lock:
+            self._readiness.loaded = False
+
+    def attach(self, tokenizer: Any) -> None:
+        """The tokenizer that turns tokens into text (rank 0 only)."""
+        self._tokenizer = tokenizer
+
+
+def serve(
+    sharded: ShardedModel,
+    scheduler: Scheduler | None,
+    *,
+    max_tokens: int,
+    max_batch: int,
+    beat: Callable[[], None],
+) -> None:
+    """Serve until rank 0 decides to stop: every rank calls this, rank 0 with its scheduler.
+
+    Args:
+        sharded: This rank's shard.
+        scheduler: Rank 0's scheduler; None on the other ranks.
+        max_tokens: The default limit of a request (each job carries its own).
+        max_batch: Requests that run at once (the same on every rank).
+        beat: Called after every decision and step (the watchdog's beat).
+
+    Raises:
+        DistributedSetupError: a peer went away or fell out of step.
+    """
+    from mlx_lm.generate import generation_stream
+
+    group = sharded.group
+    many = group is not None and group.size() > 1
+    executor = Executor(sharded, max_tokens=max_tokens, max_batch=max_batch + 1)
+    if scheduler is not None:
+        scheduler.attach(sharded.tokenizer)
+        scheduler.loaded()
+    try:
+        with distributed.peer_errors(sharded.rank, "serving"):
+            while True:
+                decision = scheduler.decide(executor.running) if scheduler is not None else None
+                if many:
+                    # The step mlx-lm queued ahead holds collectives on the generation
+                    # stream; the next decision's collective must not overtake them.
+                    mx.synchronize(generation_stream)
+                    assert group is not None
+                    shared = distributed.broadcast_json(
+                        group,
+                        decision.to_json() if decision is not None else None,
+                        what="deciding the next serving step",
+                    )
+                    decision = Decision.from_json(shared)
+                assert decision is not None
+                beat()
+                if decision.stop:
+                    return
+                executor.apply(decision)
+                produced = executor.step()
+                beat()
+                memory = (
+                    _gather_memory(sharded, many, generation_stream) if decision.gather else None
+                )
+                if scheduler is not None:
+                    scheduler.after_step(produced, running=executor.running, memory=memory)
+    finally:
+        executor.close()
+
+
+def _gather_memory(sharded: ShardedModel, many: bool, stream: Any) -> list[dict[str, Any]]:
+    """Every rank's peak memory (a collective when there are several)."""
+    mine = {
+        "rank": sharded.rank,
+        "host": socket.gethostname(),
+        "peak_memory_bytes": int(mx.get_peak_memory()),
+    }
+    if not many:
+        return [mine]
+    mx.synchronize(stream)
+    assert sharded.group is not None
+    return distributed.all_gather_json(sharded.group, mine, what="gathering peak memory")
