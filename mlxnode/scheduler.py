@@ -161,25 +161,6 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
-def plan(
-    pending: Sequence[Request], running: int, cancelled: set[str], capacity: int
-) -> tuple[list[Request], list[Request]]:
-    """Which pending requests join now, and which wait: cancelled ones are dropped.
-
-    Args:
-        pending: Requests waiting, oldest first.
-        running: Requests in the running batch.
-        cancelled: Ids of requests whose client went away.
-        capacity: The most requests that run at once.
-
-    Returns:
-        (joining, still waiting), each oldest first.
-    """
-    live = [r for r in pending if r.job.id not in cancelled]
-    room = max(capacity - running, 0)
-    return live[:room], live[room:]
-
-
 @dataclass
 class Readiness:
     """The last readiness probe: a one-token generation that every rank takes part in."""
@@ -261,6 +242,8 @@ class Scheduler:
         ready_window: A probe generation must have completed this recently for `ready`.
         ready_deadline: The longest a probe may take.
         probe_ids: The probe's prompt (a few tokens).
+        tokenizer: Turns tokens into text (the main thread's; not shared with another).
+        heartbeat: The longest `decide` waits for a request while nothing runs.
         on_step: Called after every step with (queue depth, running requests).
         on_token: Called for every token of a request with (request, seconds since
             the previous token or since submission for the first, is first).
@@ -276,6 +259,8 @@ class Scheduler:
         ready_window: float,
         ready_deadline: float,
         probe_ids: list[int],
+        tokenizer: Any,
+        heartbeat: float = HEARTBEAT_SECONDS,
         on_step: Callable[[int, int], None] | None = None,
         on_token: Callable[[Request, float, bool], None] | None = None,
         on_finish: Callable[[Request, Finished], None] | None = None,
@@ -286,12 +271,14 @@ class Scheduler:
         self.ready_deadline = ready_deadline
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
+        self._tokenizer = tokenizer
+        self._heartbeat = heartbeat
+        self._live: set[str] = set()  # submitted and not finished: queued or running
         self._cancelled: set[str] = set()
         self._stopping = False
         self._readiness = Readiness()
         self._probe_ids = probe_ids
         self._probes = 0
-        self._waiting: list[Request] = []  # taken off the queue, not yet joined
         self._outputs: dict[str, _Output] = {}
         self._finishing: list[str] = []  # ended on rank 0, to leave the other ranks next step
         self._on_step = on_step or (lambda *_: None)
@@ -307,15 +294,19 @@ class Scheduler:
         Raises:
             QueueFull: too many requests are waiting already.
         """
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise QueueFull from None
+        with self._lock:
+            try:
+                self._queue.put_nowait(request)
+            except queue.Full:
+                raise QueueFull from None
+            self._live.add(request.job.id)
 
     def cancel(self, request_id: str) -> None:
-        """Drop `request_id` (its client went away): it leaves the batch at the next step."""
+        """Drop `request_id` (its client went away): it leaves the batch at the next step,
+        or never joins it."""
         with self._lock:
-            self._cancelled.add(request_id)
+            if request_id in self._live:
+                self._cancelled.add(request_id)
 
     def stop(self) -> None:
         """End `serve` on every rank at the next step."""
@@ -324,7 +315,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._waiting)
+        return self._queue.qsize()
 
     def ready(self) -> tuple[bool, str]:
         """(ready, why not): loaded on every rank, and a recent probe made it in time."""
@@ -347,37 +338,48 @@ class Scheduler:
         Args:
             running: Requests in the executor's batch (the probe included).
         """
-        idle = running == 0 and not self._waiting and not self._finishing
-        self._take(wait=HEARTBEAT_SECONDS if idle else 0.0)
+        idle = running == 0 and not self._finishing
         with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
             stopping = self._stopping
-        leave = [rid for rid in cancelled if rid in self._outputs] + self._finishing
-        self._finishing = []
-        for rid in leave:
-            self._outputs.pop(rid, None)
-        dropped = [r for r in self._waiting if r.job.id in cancelled]
-        # Every running request has an output here (the probe has none, and a place of its own).
-        joining, self._waiting = plan(self._waiting, len(self._outputs), cancelled, self.max_batch)
-        for request in dropped:
-            logger.info("request %s: the client went away before it started", request.job.id)
-        jobs = [r.job for r in joining]
-        for request in joining:
+            leave = [rid for rid in self._cancelled if rid in self._outputs] + self._finishing
+            self._finishing = []
+            for rid in leave:
+                self._forget(rid)
+                self._outputs.pop(rid, None)
+        # Every running request has an output (the probe has none, and a place of its own).
+        room = self.max_batch - len(self._outputs)
+        jobs = []
+        for request in self._take(room, wait=self._heartbeat if idle else 0.0):
+            with self._lock:
+                gone = request.job.id in self._cancelled
+                if gone:
+                    self._forget(request.job.id)
+            if gone:
+                logger.info("request %s: the client went away before it started", request.job.id)
+                continue
             self._outputs[request.job.id] = _Output(request, self._tokenizer)
+            jobs.append(request.job)
         probe = self._probe()
         if probe is not None:
             jobs.append(probe)
         return Decision(join=jobs, leave=leave, gather=probe is not None, stop=stopping)
 
-    def _take(self, *, wait: float) -> None:
-        """Move queued requests to the waiting list; block up to `wait` for the first."""
+    def _forget(self, request_id: str) -> None:
+        """`request_id` is done; a cancel that comes now changes nothing. Hold the lock."""
+        self._live.discard(request_id)
+        self._cancelled.discard(request_id)
+
+    def _take(self, n: int, *, wait: float) -> list[Request]:
+        """Up to `n` requests off the queue, oldest first; block up to `wait` for the first."""
+        taken: list[Request] = []
         try:
-            if wait > 0 and self._queue.empty():
-                self._waiting.append(self._queue.get(timeout=wait))
-            while True:
-                self._waiting.append(self._queue.get_nowait())
+            if n > 0 and wait > 0:
+                taken.append(self._queue.get(timeout=wait))
+            while len(taken) < n:
+                taken.append(self._queue.get_nowait())
         except queue.Empty:
             pass
+        return taken
 
     def _probe(self) -> Job | None:
         """A probe job when one is due: half a window after the last, none in flight."""
@@ -423,6 +425,8 @@ class Scheduler:
             if finish_reason is None:
                 continue
             del self._outputs[rid]
+            with self._lock:
+                self._forget(rid)
             if token.finish_reason is None:
                 self._finishing.append(rid)  # a stop string: the ranks still run it
             done = Finished(finish_reason, len(request.job.ids), output.tokens)
@@ -438,17 +442,13 @@ class Scheduler:
 
     def fail(self, message: str) -> None:
         """Tell every request, running or waiting, that it cannot finish."""
-        self._take(wait=0.0)
-        for request in [o.request for o in self._outputs.values()] + self._waiting:
-            request.emit(Failed(message))
-        self._outputs.clear()
-        self._waiting = []
         with self._lock:
             self._readiness.loaded = False
-
-    def attach(self, tokenizer: Any) -> None:
-        """The tokenizer that turns tokens into text (rank 0 only)."""
-        self._tokenizer = tokenizer
+            self._stopping = True
+        queued = self._take(self._queue.maxsize, wait=0.0)
+        for request in [o.request for o in self._outputs.values()] + queued:
+            request.emit(Failed(message))
+        self._outputs.clear()
 
 
 def serve(
@@ -477,7 +477,6 @@ def serve(
     many = group is not None and group.size() > 1
     executor = Executor(sharded, max_tokens=max_tokens, max_batch=max_batch + 1)
     if scheduler is not None:
-        scheduler.attach(sharded.tokenizer)
         scheduler.loaded()
     try:
         with distributed.peer_errors(sharded.rank, "serving"):

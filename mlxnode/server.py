@@ -79,8 +79,7 @@ def _serve(config: Config, watchdog: Watchdog, load_timeout: float | None) -> No
     if group.rank() == 0:
         sock = bind(config.serve)
         metrics = ServeMetrics()
-        tokenizer = load_tokenizer(metadata.path, metadata.config, config.generation.chat_template)
-        scheduler = _scheduler(config.serve, metrics, tokenizer)
+        scheduler = _scheduler(config.serve, metrics, metadata.tokenizer)
         settings = ApiSettings(
             model_id=metadata.name,
             context_length=metadata.context_length,
@@ -92,6 +91,7 @@ def _serve(config: Config, watchdog: Watchdog, load_timeout: float | None) -> No
             top_p=config.generation.top_p,
         )
         # The HTTP thread gets a tokenizer of its own: the main thread decodes with the other.
+        tokenizer = load_tokenizer(metadata.path, metadata.config, config.generation.chat_template)
         http = _HttpThread(create_app(scheduler, tokenizer, settings, metrics), sock)
         http.start()
         host, port = sock.getsockname()[:2]
@@ -129,6 +129,7 @@ def _scheduler(settings: ServeConfig, metrics: ServeMetrics, tokenizer: Any) -> 
         ready_window=settings.ready_window,
         ready_deadline=settings.ready_deadline,
         probe_ids=encode_text(tokenizer, PROBE_TEXT, chat_template=False),
+        tokenizer=tokenizer,
         on_step=metrics.step,
         on_token=lambda _request, seconds, first: metrics.token(seconds, first),
         on_finish=lambda _request, done: metrics.finished(done.prompt_tokens),
