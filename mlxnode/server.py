@@ -75,7 +75,7 @@ def _serve(config: Config, watchdog: Watchdog, load_timeout: float | None) -> No
     wait, guard = phase_guards(watchdog, group, load_timeout)
     metadata = read_metadata(config)
     scheduler: Scheduler | None = None
-    http: _HttpThread | None = None
+    http: HttpThread | None = None
     if group.rank() == 0:
         sock = bind(config.serve)
         metrics = ServeMetrics()
@@ -92,7 +92,7 @@ def _serve(config: Config, watchdog: Watchdog, load_timeout: float | None) -> No
         )
         # The HTTP thread gets a tokenizer of its own: the main thread decodes with the other.
         tokenizer = load_tokenizer(metadata.path, metadata.config, config.generation.chat_template)
-        http = _HttpThread(create_app(scheduler, tokenizer, settings, metrics), sock)
+        http = HttpThread(create_app(scheduler, tokenizer, settings, metrics), sock)
         http.start()
         host, port = sock.getsockname()[:2]
         logger.info(
@@ -175,7 +175,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-class _HttpThread:
+class HttpThread:
     """uvicorn serving `app` on `sock` in a daemon thread (signals stay with the main one)."""
 
     def __init__(self, app: Any, sock: socket.socket):

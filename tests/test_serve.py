@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,12 @@ import openai
 import pytest
 from test_engine import MLX_LAUNCH, _free_ports, _rank_pids, mlxnode_run
 
+from mlxnode.api import ApiSettings, create_app
+from mlxnode.config import ServeConfig
+from mlxnode.errors import UsageError
+from mlxnode.scheduler import Failed
+from mlxnode.serve_metrics import ServeMetrics
+from mlxnode.server import HttpThread, bind
 from tests.support.tiny_model import make_tiny_model
 
 PROMPT = "The morning train left the station"
@@ -442,3 +449,67 @@ def test_real_checkpoint_greedy_chat_equals_mlxnode_run(tmp_path):
         chat = _chat(s.client(), prompt, max_tokens=MAX_TOKENS)
     assert chat.choices[0].message.content == ran["completion"]
     assert chat.usage.completion_tokens == ran["generation_tokens"]
+
+
+# -- the API and the bind without a model
+
+
+class _FailingGateway:
+    """A scheduler whose generation always fails, as when a rank dies mid-request."""
+
+    queue_depth = 0
+
+    def submit(self, work) -> None:
+        work.emit(Failed("DistributedSetupError: rank 1 lost a peer"))
+
+    def cancel(self, request_id: str) -> None:
+        pass
+
+    def ready(self) -> tuple[bool, str]:
+        return False, "the model is loading"
+
+
+class _WordTokenizer:
+    bos_token = None
+    has_chat_template = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [len(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[Server]:
+    settings = ApiSettings(model_id="m", context_length=None, max_tokens=4, max_body_bytes=1000)
+    app = create_app(_FailingGateway(), _WordTokenizer(), settings, ServeMetrics())
+    sock = bind(ServeConfig(port=_free_ports(1)))
+    http = HttpThread(app, sock)
+    http.start()
+    port = sock.getsockname()[1]
+    yield Server(None, f"http://127.0.0.1:{port}", Path("/dev/null"), Path("m"))  # type: ignore[arg-type]
+    http.stop()
+
+
+def test_a_failed_generation_is_500_naming_the_request(failing):
+    r = failing.post("/v1/completions", {"prompt": "a b c"})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and r.headers["x-request-id"] in error["message"]
+    r = failing.post("/v1/completions", {"prompt": "a b c", "stream": True})
+    events = [line for line in r.text.splitlines() if line]
+    assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
+    assert failing.get("/ready").status_code == 503
+    assert failing.get("/ready").json()["reason"] == "the model is loading"
+
+
+def test_bind_refuses_a_taken_port_and_warns_about_an_open_one_without_a_key(caplog):
+    taken = bind(ServeConfig(port=_free_ports(1)))
+    try:
+        with pytest.raises(UsageError, match=r"cannot serve on 127\.0\.0\.1:\d+ .*--port"):
+            bind(ServeConfig(port=taken.getsockname()[1]))
+    finally:
+        taken.close()
+    with caplog.at_level(logging.WARNING, logger="mlxnode.server"):
+        bind(ServeConfig(host="0.0.0.0", port=_free_ports(1))).close()
+        bind(ServeConfig(host="0.0.0.0", port=_free_ports(1), api_key=API_KEY)).close()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "without an API key" in warnings[0]
