@@ -175,7 +175,7 @@ class ServeConfig:
         default=DEFAULT_SERVE_READY_WINDOW,
         metadata={
             "help": "/ready needs a probe generation on every rank this recent (s).",
-            "min": 1.0,
+            "min": 0.1,
         },
     )
     ready_deadline: float = field(

@@ -28,7 +28,7 @@ def test_first_screen_has_the_two_commands_and_ci_calls_make_test():
 
 
 def test_every_cli_flag_is_documented_in_help():
-    for verb in (["run"], ["config", "show"], ["cache", "prewarm"]):
+    for verb in (["run"], ["serve"], ["config", "show"], ["cache", "prewarm"]):
         result = subprocess.run(
             [sys.executable, "-m", "mlxnode", *verb, "--help"],
             capture_output=True,
