@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 MAX_STOPS = 4
 # Seconds a client told 429 should wait before trying again.
 RETRY_AFTER_SECONDS = 1
+# How often a handler waiting for a whole answer checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
 # Paths open without the API key: probes and scrapers rarely carry one.
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 
@@ -126,23 +128,7 @@ def create_app(
     """
     app = FastAPI(title="mlxnode", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        request_id = request.headers.get("x-request-id") or _new_id("req")
-        request.state.request_id = request_id[:64]
-        try:
-            if request.url.path not in OPEN_PATHS:
-                _check_key(request, settings.api_key)
-            response = await call_next(request)
-        except ApiError as e:
-            response = e.response(request.state.request_id)
-        except Exception:  # noqa: BLE001 - the boundary: any bug becomes a 500 naming the id
-            logger.exception("request %s failed", request.state.request_id)
-            response = _internal(request.state.request_id)
-        response.headers["x-request-id"] = request.state.request_id
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, api_key=settings.api_key, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -230,15 +216,61 @@ def create_app(
         if parsed.stream:
             stream = _stream(events, answer, parsed, gateway, request.state.request_id)
             return StreamingResponse(stream, media_type="text/event-stream")
-        return await _collect(events, answer, gateway, request.state.request_id)
+        return await _collect(events, answer, gateway, request)
 
     return app
 
 
-def _check_key(request: Request, api_key: str | None) -> None:
+class _Guard:
+    """ASGI middleware: a request id on every answer, the API key, the count by status, and
+    any unexpected error as a 500 naming the request id.
+
+    Plain ASGI rather than Starlette's `BaseHTTPMiddleware`, which hides a client's
+    disconnect from the handler that waits for a whole answer.
+    """
+
+    def __init__(self, app: Any, *, api_key: str | None, metrics: ServeMetrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = (headers.get("x-request-id") or _new_id("req"))[:64]
+        scope.setdefault("state", {})["request_id"] = request_id
+        path, status = scope["path"], None
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = (
+                    []
+                    if any(k == b"x-request-id" for k, _ in message.get("headers", []))
+                    else [(b"x-request-id", request_id.encode("latin-1"))]
+                )
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            if path not in OPEN_PATHS:
+                _check_key(headers.get("authorization", ""), self.api_key)
+            await self.app(scope, receive, send_with_id)
+        except ApiError as e:
+            await e.response(request_id)(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - the boundary: any bug becomes a 500 naming the id
+            logger.exception("request %s failed", request_id)
+            if status is None:
+                await _internal(request_id)(scope, receive, send_with_id)
+        finally:
+            if path.startswith("/v1/") and status is not None:
+                self.metrics.requests.labels(path, str(status)).inc()
+
+
+def _check_key(given: str, api_key: str | None) -> None:
     if api_key is None:
         return
-    given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         token.strip().encode(), api_key.encode()
@@ -471,13 +503,25 @@ def _usage(done: Finished) -> dict[str, int]:
 
 
 async def _collect(
-    events: asyncio.Queue[Event], answer: _Answer, gateway: Gateway, http_id: str
-) -> JSONResponse:
+    events: asyncio.Queue[Event], answer: _Answer, gateway: Gateway, request: Request
+) -> Response:
+    """The whole answer; a client that goes away meanwhile cancels the request."""
+    http_id = request.state.request_id
     pieces: list[str] = []
     finished = False
+    checked = time.monotonic()
     try:
         while True:
-            event = await events.get()
+            # Tokens may keep coming for a client long gone: look at the clock, not for a lull.
+            if time.monotonic() - checked > DISCONNECT_POLL_SECONDS:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    logger.info("request %s: the client went away", http_id)
+                    return Response(status_code=499)  # nobody reads it
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                continue
             if isinstance(event, Delta):
                 pieces.append(event.text)
             elif isinstance(event, Finished):

@@ -389,6 +389,22 @@ def test_a_full_queue_is_429_and_a_client_that_leaves_frees_its_place(narrow):
     assert time.monotonic() - left < 10  # far less than 20000 tokens
     assert 'status="429"' in narrow.get("/metrics").text
 
+    # The same for a client that gives up waiting for a whole (non-streamed) answer.
+    host, port = narrow.url.removeprefix("http://").split(":")
+    gone = http.client.HTTPConnection(host, int(port), timeout=1)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 20000})
+    gone.request(
+        "POST", "/v1/completions", body=body, headers={"authorization": f"Bearer {API_KEY}"}
+    )
+    with pytest.raises(TimeoutError):
+        gone.getresponse()
+    gone.close()
+    left = time.monotonic()
+    done = client.completions.create(model="m", prompt="Soup", max_tokens=2)
+    assert done.choices[0].finish_reason == "length"
+    assert time.monotonic() - left < 10
+    assert 'status="499"' in narrow.get("/metrics").text  # nginx's "client closed request"
+
 
 # -- two ranks under mlx.launch
 
