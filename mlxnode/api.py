@@ -360,6 +360,9 @@ def _prompt_ids(tokenizer: Any, body: dict[str, Any]) -> list[int]:
 
 def _parse(body: dict[str, Any], ids: list[int], settings: ApiSettings) -> _Parsed:
     """Check the sampling fields of `body` and the prompt's length against the context."""
+    if not ids:
+        # Every rank's generator would refuse an empty prompt; refuse it here instead.
+        raise _bad("messages" if "messages" in body else "prompt", "the prompt has no tokens")
     n = body.get("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         raise _bad("n", "only n=1 is served")
