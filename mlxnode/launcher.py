@@ -211,6 +211,7 @@ def launch(
     connect_timeout: float = preflight.DEFAULT_CONNECT_TIMEOUT,
     report: LaunchReport | None = None,
     log_dir: str | Path | None = None,
+    verb: str = "run",
 ) -> LaunchResult:
     """Run `mlxnode run --run-id RUN_ID --status-dir DIR <run_args>` on every host of `hostfile`.
 
@@ -226,6 +227,8 @@ def launch(
         report: Filled in with what happened (pre-flight, failed ranks, lost hosts).
         log_dir: The run directory (same absolute path on every host): STDOUT_LOG and
             STDERR_LOG, the ranks' status records; default DEFAULT_RUNS_DIR/RUN_ID.
+        verb: The command every rank runs: "run", or "serve" (whose ranks run until
+            stopped; pass `timeout=math.inf` for no limit).
 
     Raises:
         ClusterBusyError: another run holds the lock.
@@ -266,7 +269,7 @@ def launch(
             "--backend", backend,
             "--starting-port", str(starting_port),
             "--env", f"MLXNODE_RUN_ID={run_id}",
-            python, "-m", "mlxnode", "run", "--run-id", run_id,
+            python, "-m", "mlxnode", verb, "--run-id", run_id,
             "--status-dir", str(run_dir), *run_args,
         ]  # fmt: skip
         if nice := shutil.which("nice"):

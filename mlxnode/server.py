@@ -44,12 +44,18 @@ PROBE_TEXT = "Hi"
 HTTP_STOP_SECONDS = 5.0
 
 
-def serve(config: Config, *, load_timeout: float | None = DEFAULT_LOAD_TIMEOUT) -> None:
+def serve(
+    config: Config,
+    *,
+    load_timeout: float | None = DEFAULT_LOAD_TIMEOUT,
+    run_id: str | None = None,
+) -> None:
     """Serve the model of `config` over every rank `mlx.launch` started, until stopped.
 
     Args:
         config: The resolved configuration (model, generation, distributed, serve...).
         load_timeout: Seconds a rank waits for its peers to join and load; None: forever.
+        run_id: Name of this server's run, logged.
 
     Raises:
         UsageError: rank 0 cannot bind `serve.host`:`serve.port`.
@@ -61,7 +67,7 @@ def serve(config: Config, *, load_timeout: float | None = DEFAULT_LOAD_TIMEOUT) 
         rank=rank, timeout=config.distributed.step_timeout, exit_on_signals=True
     ) as watchdog:
         try:
-            _serve(config, watchdog, load_timeout)
+            _serve(config, watchdog, load_timeout, run_id)
         except MlxnodeError as e:
             logger.error("%s", e)
             raise
@@ -70,8 +76,17 @@ def serve(config: Config, *, load_timeout: float | None = DEFAULT_LOAD_TIMEOUT) 
             raise
 
 
-def _serve(config: Config, watchdog: Watchdog, load_timeout: float | None) -> None:
+def _serve(
+    config: Config, watchdog: Watchdog, load_timeout: float | None, run_id: str | None
+) -> None:
     group = join_guarded(config.distributed.backend, watchdog, load_timeout)
+    logger.info(
+        "rank %d of %d on %s%s",
+        group.rank(),
+        group.size(),
+        socket.gethostname(),
+        f", run {run_id}" if run_id else "",
+    )
     wait, guard = phase_guards(watchdog, group, load_timeout)
     metadata = read_metadata(config)
     scheduler: Scheduler | None = None

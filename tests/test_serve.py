@@ -2,9 +2,9 @@
 
 Three servers per module, each started once: one process on a tiny model with a short context
 (`server`), one process with a batch of one, a queue of one and an API key (`narrow`), and two
-ranks under real `mlx.launch --backend ring` (`pair`). Greedy answers are checked against
-`mlxnode run` on the same model, token for token. One slow test serves the real SmolLM2 4-bit
-checkpoint.
+ranks through `mlxnode launch -- serve`, so under real `mlx.launch --backend ring` (`pair`).
+Greedy answers are checked against `mlxnode run` on the same model, token for token. One slow
+test serves the real SmolLM2 4-bit checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_engine import MLX_LAUNCH, _free_ports, _rank_pids, mlxnode_run
+from test_engine import _free_ports, mlxnode_run
 
 from mlxnode.api import ApiSettings, create_app
 from mlxnode.config import ServeConfig
@@ -91,17 +91,16 @@ class Server:
 
 @contextlib.contextmanager
 def serving(
-    model: Path, *args: str, ranks: int = 1, env: dict | None = None, cwd: Path
+    model: Path, *args: str, launch: list[str] | None = None, env: dict | None = None, cwd: Path
 ) -> Iterator[Server]:
-    """`mlxnode serve` on `model` until the block ends; waits for /ready first."""
+    """`mlxnode serve` on `model` until the block ends; waits for /ready first.
+
+    `launch`: the command that starts it on every rank, up to and including "--" (None: one
+    process, no launcher).
+    """
     port = _free_ports(1)
-    serve = [sys.executable, "-m", "mlxnode", "serve", "--no-config", "--model-path", str(model)]
-    serve += ["--port", str(port), *args]
-    if ranks > 1:
-        ports = str(_free_ports(ranks))
-        serve = [str(MLX_LAUNCH), "--backend", "ring", "-n", str(ranks), "--starting-port", ports]
-        serve += [sys.executable, "-m", "mlxnode", "serve", "--no-config"]
-        serve += ["--model-path", str(model), "--port", str(port), *args]
+    serve = ["serve", "--no-config", "--model-path", str(model), "--port", str(port), *args]
+    serve = [*launch, *serve] if launch else [sys.executable, "-m", "mlxnode", *serve]
     log = cwd / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -109,7 +108,7 @@ def serving(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env={**os.environ, **(env or {})},
+            env=env if env is not None else os.environ,
             start_new_session=True,
         )
     server = Server(proc, f"http://127.0.0.1:{port}", log, model)
@@ -158,18 +157,44 @@ def server(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def narrow(local_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cwd = tmp_path_factory.mktemp("serve-narrow")
     args = ["--max-batch", "1", "--queue-size", "1", "--no-chat-template"]
-    env = {"MLXNODE_SERVE_API_KEY": API_KEY}
+    env = {**os.environ, "MLXNODE_SERVE_API_KEY": API_KEY}
     with serving(local_cluster.model, *args, env=env, cwd=cwd) as s:
         yield s
 
 
+PAIR_RUN_ID = f"serve-pair-{os.getpid()}"
+
+
 @pytest.fixture(scope="module")
 def pair(local_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Two ranks through `mlxnode launch -- serve` (its lock and pre-flight, then real
+    `mlx.launch --backend ring`)."""
     cwd = tmp_path_factory.mktemp("serve-pair")
     args = ["--max-tokens", str(MAX_TOKENS), "--ready-window", "3", "--ready-deadline", "2"]
     args += ["--step-timeout", "30"]
-    with serving(local_cluster.model, *args, ranks=2, cwd=cwd) as s:
+    launch = [
+        str(local_cluster.venv_bin / "mlxnode"), "launch",
+        "--hostfile", str(local_cluster.hostfile), "--starting-port", str(_free_ports(2)),
+        "--run-id", PAIR_RUN_ID, "--",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX")}
+    env["HOME"] = str(cwd / "home")  # and so the cluster lock
+    with serving(local_cluster.model, *args, launch=launch, env=env, cwd=cwd) as s:
         yield s
+
+
+def _rank_pid(run_id: str, rank: int) -> int:
+    """The pid of `rank` of the `mlxnode serve` ranks of `run_id` on this machine."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = b"serve" in cmdline and run_id.encode() in cmdline and b"mlxnode" in cmdline
+        if ours and f"MLX_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} of {run_id}")
 
 
 def _run_greedy(model: Path, prompt: str, tmp_path: Path, *args: str, ranks: int = 1) -> dict:
@@ -437,8 +462,8 @@ def test_two_ranks_answer_as_mlxnode_run(pair, tmp_path):
 def test_a_hung_rank_turns_ready_to_503_within_window_and_deadline(pair):
     """The last test of `pair`: it stops rank 1 (SIGSTOP) for good."""
     assert pair.get("/ready").status_code == 200
-    ranks = _rank_pids(pair.proc)
-    os.kill(ranks[1], signal.SIGSTOP)
+    rank1 = _rank_pid(PAIR_RUN_ID, 1)
+    os.kill(rank1, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         while pair.get("/ready").status_code == 200:
@@ -448,7 +473,7 @@ def test_a_hung_rank_turns_ready_to_503_within_window_and_deadline(pair):
         assert body["status"] == "not ready" and "probe" in body["reason"]
         assert pair.get("/health").status_code == 200  # alive, not ready
     finally:
-        os.kill(ranks[1], signal.SIGKILL)
+        os.kill(rank1, signal.SIGKILL)
 
 
 # -- the real checkpoint

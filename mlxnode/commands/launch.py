@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
@@ -65,18 +66,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     run = subparsers.add_parser(
         "launch",
-        help="Start `mlxnode run` on every host with mlx.launch (lock, pre-flight, timeout).",
+        help="Start `mlxnode run` (or `serve`) on every host with mlx.launch (lock, "
+        "pre-flight, timeout).",
         description="Arguments after -- are passed to `mlxnode run` on every rank; a prompt "
-        "given as words (last) or '-' (stdin) reaches rank 0 as a private file instead.",
+        "given as words (last) or '-' (stdin) reaches rank 0 as a private file instead. "
+        "`-- serve ARGS` starts `mlxnode serve ARGS` on every rank instead, with no timeout "
+        "unless --timeout is given; it runs until the launch is stopped.",
     )
     _add_common(run, _LAUNCH_KEYS)
     run.add_argument("--run-id", help="Name of this run (default: time and pid).")
     run.add_argument(
         "--timeout",
         type=float,
-        default=launcher.DEFAULT_TIMEOUT,
+        default=None,
         metavar="S",
-        help="Stop the whole run after this many seconds.",
+        help=f"Stop the whole run after this many seconds (default: "
+        f"{launcher.DEFAULT_TIMEOUT:g} for run, none for serve).",
     )
     run.add_argument(
         "--lock-file",
@@ -101,7 +106,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="Write what the launch did (pre-flight, failed ranks, lost hosts, the error, "
         "its own peak memory) as JSON, also when it fails.",
     )
-    run.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then `mlxnode run` arguments.")
+    run.add_argument(
+        "run_args",
+        nargs=argparse.REMAINDER,
+        help="-- then `mlxnode run` arguments, or `serve` and `mlxnode serve` arguments.",
+    )
     run.set_defaults(handler=launch_main)
 
 
@@ -125,7 +134,13 @@ def preflight_main(args: argparse.Namespace) -> int:
 def launch_main(args: argparse.Namespace) -> int:
     resolved = configure(args)
     run_id = launcher.check_run_id(args.run_id or launcher.new_run_id())
-    run_args, prompts = split_prompts(args.run_args)
+    verb, run_args = split_verb(args.run_args)
+    prompts = None
+    if verb == "run":
+        run_args, prompts = split_prompts(run_args)
+    timeout = args.timeout
+    if timeout is None:
+        timeout = launcher.DEFAULT_TIMEOUT if verb == "run" else math.inf
     report = launcher.LaunchReport(run_id)
     started = time.monotonic()
     code, error = 1, None
@@ -139,7 +154,8 @@ def launch_main(args: argparse.Namespace) -> int:
                 backend=resolved.config.distributed.backend,
                 python=args.python,
                 starting_port=args.starting_port,
-                timeout=args.timeout,
+                timeout=timeout,
+                verb=verb,
                 lock_file=args.lock_file,
                 check=not args.no_preflight,
                 connect_timeout=args.connect_timeout,
@@ -169,6 +185,14 @@ def launch_main(args: argparse.Namespace) -> int:
         if args.report_json:
             report.finish(exit_code=code, error=error, seconds=time.monotonic() - started)
             report.write(args.report_json)
+
+
+def split_verb(run_args: Sequence[str]) -> tuple[str, list[str]]:
+    """("serve", its arguments) for `-- serve ARGS`; else ("run", `run_args` as given)."""
+    args = list(run_args[1:] if run_args[:1] == ["--"] else run_args)
+    if args[:1] == ["serve"]:
+        return "serve", args[1:]
+    return "run", list(run_args)
 
 
 def split_prompts(run_args: Sequence[str]) -> tuple[list[str], list[Prompt] | None]:

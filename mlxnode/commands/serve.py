@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import outcome
 from ..errors import MlxnodeError
 from .common import add_config_flags, configure
 
@@ -29,18 +30,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--run-id", metavar="ID", help="Name of this server's run in the logs (set by launch)."
+    )
+    parser.add_argument(
+        "--status-dir",
+        metavar="DIR",
+        help="Write this rank's status record there when it ends (set by launch, which "
+        "judges the ranks by them).",
+    )
     add_config_flags(parser)
     parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    resolved = configure(args)
+    outcome.start(args.status_dir, args.run_id)
     try:
-        from .. import server
-    except ImportError as e:
-        raise MlxnodeError(
-            f"the server cannot be imported ({e}); reinstall mlxnode with its MLX extra "
-            "(pip install 'mlxnode[cpu]' off macOS)"
-        ) from e
-    server.serve(resolved.config)
+        resolved = configure(args)
+        try:
+            from .. import server
+        except ImportError as e:
+            raise MlxnodeError(
+                f"the server cannot be imported ({e}); reinstall mlxnode with its MLX extra "
+                "(pip install 'mlxnode[cpu]' off macOS)"
+            ) from e
+        server.serve(resolved.config, run_id=args.run_id)
+    except Exception as e:
+        outcome.record_exit(e)
+        raise
+    outcome.record_exit(None)
     return 0
