@@ -25,11 +25,13 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_engine import _free_ports, mlxnode_run
+from test_engine import _free_ports
 
 from mlxnode.api import ApiSettings, create_app
-from mlxnode.config import ServeConfig
+from mlxnode.commands.launch import split_verb
+from mlxnode.config import Config, ServeConfig
 from mlxnode.errors import UsageError
+from mlxnode.prompts import Prompt
 from mlxnode.scheduler import Failed
 from mlxnode.serve_metrics import ServeMetrics
 from mlxnode.server import HttpThread, bind
@@ -197,17 +199,20 @@ def _rank_pid(run_id: str, rank: int) -> int:
     raise AssertionError(f"no rank {rank} of {run_id}")
 
 
-def _run_greedy(model: Path, prompt: str, tmp_path: Path, *args: str, ranks: int = 1) -> dict:
-    """`mlxnode run`'s record of `prompt`: its text, token ids and counts."""
-    out = tmp_path / f"run-{abs(hash((prompt, args)))}.jsonl"
-    job = mlxnode_run(
-        ranks,
-        "--no-config", "--model-path", model, "--max-tokens", str(MAX_TOKENS),
-        "--prompts-file", "-", "--output", out, *args,
-        cwd=tmp_path, stdin=json.dumps({"id": 1, "prompt": prompt}) + "\n",
-    )  # fmt: skip
-    assert job.returncode == 0, job.stderr
-    return job.records(out)[0]
+def _run_greedy(model: Path, prompt: str, monkeypatch, *, chat_template: bool = True) -> dict:
+    """`mlxnode run`'s record of `prompt` (its `engine.run`, in this process, to save a
+    process start): text, token ids and counts."""
+    from mlxnode import engine, logs
+
+    # run() tells logging its rank; undo that for the tests that follow.
+    monkeypatch.setattr(logs, "_rank", None)
+    monkeypatch.setattr(logs, "_world_size", None)
+    config = Config()
+    config.model.path = str(model)
+    config.generation.max_tokens = MAX_TOKENS
+    config.generation.use_chat_template = chat_template
+    result = engine.run(config, [Prompt(1, prompt)])
+    return result.completions[0].as_record()
 
 
 def _chat(client: openai.OpenAI, text: str, **kwargs):
@@ -219,16 +224,16 @@ def _chat(client: openai.OpenAI, text: str, **kwargs):
 # -- one process
 
 
-def test_greedy_answers_equal_mlxnode_run_token_for_token(server, tmp_path):
+def test_greedy_answers_equal_mlxnode_run_token_for_token(server, monkeypatch):
     client = server.client()
-    ran = _run_greedy(server.model, PROMPT, tmp_path)
+    ran = _run_greedy(server.model, PROMPT, monkeypatch)
     chat = _chat(client, PROMPT, max_tokens=MAX_TOKENS, temperature=0)
     assert chat.choices[0].message.content == ran["completion"]
     assert chat.usage.completion_tokens == ran["generation_tokens"]
     assert chat.usage.prompt_tokens == ran["prompt_tokens"]
     assert chat.usage.total_tokens == ran["prompt_tokens"] + ran["generation_tokens"]
 
-    plain = _run_greedy(server.model, PROMPT, tmp_path, "--no-chat-template")
+    plain = _run_greedy(server.model, PROMPT, monkeypatch, chat_template=False)
     done = client.completions.create(model="m", prompt=PROMPT, max_tokens=MAX_TOKENS)
     assert done.choices[0].text == plain["completion"]
     assert done.choices[0].finish_reason == plain["finish_reason"]
@@ -434,9 +439,9 @@ def test_a_full_queue_is_429_and_a_client_that_leaves_frees_its_place(narrow):
 # -- two ranks under mlx.launch
 
 
-def test_two_ranks_answer_as_mlxnode_run(pair, tmp_path):
+def test_two_ranks_answer_as_mlxnode_run(pair, monkeypatch):
     client = pair.client()
-    ran = _run_greedy(pair.model, PROMPT, tmp_path)
+    ran = _run_greedy(pair.model, PROMPT, monkeypatch)
     chat = _chat(client, PROMPT, max_tokens=MAX_TOKENS)
     assert chat.choices[0].message.content == ran["completion"]
     streamed = _chat(client, PROMPT, max_tokens=MAX_TOKENS, stream=True)
@@ -480,12 +485,12 @@ def test_a_hung_rank_turns_ready_to_503_within_window_and_deadline(pair):
 
 
 @pytest.mark.slow
-def test_real_checkpoint_greedy_chat_equals_mlxnode_run(tmp_path):
+def test_real_checkpoint_greedy_chat_equals_mlxnode_run(tmp_path, monkeypatch):
     from tests.support.real_model import real_model
 
     model = real_model("q4")
     prompt = "What is the capital of France?"
-    ran = _run_greedy(model, prompt, tmp_path)
+    ran = _run_greedy(model, prompt, monkeypatch)
     with serving(model, "--max-tokens", str(MAX_TOKENS), cwd=tmp_path) as s:
         chat = _chat(s.client(), prompt, max_tokens=MAX_TOKENS)
     assert chat.choices[0].message.content == ran["completion"]
@@ -554,3 +559,11 @@ def test_bind_refuses_a_taken_port_and_warns_about_an_open_one_without_a_key(cap
         bind(ServeConfig(host="0.0.0.0", port=_free_ports(1), api_key=API_KEY)).close()
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "without an API key" in warnings[0]
+
+
+def test_launch_passes_serve_and_its_arguments_to_every_rank():
+    assert split_verb(["--", "serve", "--port", "9000"]) == ("serve", ["--port", "9000"])
+    assert split_verb(["--", "--max-tokens", "4", "serve"]) == (
+        "run",
+        ["--", "--max-tokens", "4", "serve"],
+    )
