@@ -124,12 +124,16 @@ class Request:
 
 
 class _Output:
-    """A request's text so far, streamed out as deltas, cut at the first stop string."""
+    """A request's text so far, streamed out as deltas, cut at the first stop string.
+
+    Text comes from mlx-lm's streaming detokenizer, as `mlxnode run` streams one prompt:
+    each token costs the same however long the answer is.
+    """
 
     def __init__(self, request: Request, tokenizer: Any):
         self.request = request
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        self._detokenizer = tokenizer.detokenizer  # a fresh one per request
+        self._text = ""
         self._sent = 0
         self.tokens = 0
         self.last_time: float | None = None
@@ -140,24 +144,26 @@ class _Output:
         """Record `token`: the text to send now, and the finish reason if it ends the request."""
         self.tokens += 1
         if token.finish_reason != "stop":
-            self._ids.append(token.id)
-        text = self._tokenizer.decode(self._ids)
-        cut = _first_stop(text, self.request.stop)
-        if cut is not None:
-            return self._flush(text[:cut]), "stop"
+            self._detokenizer.add_token(token.id)
         if token.finish_reason is not None:
-            return self._flush(text), token.finish_reason
-        # A token that ends inside a multi-byte character decodes to U+FFFD for now.
-        ready = len(text.rstrip("\ufffd")) - self._hold
-        return self._flush(text[: max(ready, self._sent)]), None
+            self._detokenizer.finalize()
+        # Only the new text and the stop string's length before it can hold a new match.
+        start = max(len(self._text) - self._hold, 0)
+        self._text += self._detokenizer.last_segment
+        cut = _first_stop(self._text, self.request.stop, start)
+        if cut is not None:
+            return self._flush(self._text[:cut]), "stop"
+        if token.finish_reason is not None:
+            return self._flush(self._text), token.finish_reason
+        return self._flush(self._text[: max(len(self._text) - self._hold, self._sent)]), None
 
     def _flush(self, text: str) -> str:
         delta, self._sent = text[self._sent :], max(self._sent, len(text))
         return delta
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(found) if found else None
 
 

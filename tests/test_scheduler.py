@@ -28,11 +28,30 @@ from mlxnode.scheduler import (
 )
 
 
+class CharDetokenizer:
+    """mlx-lm's streaming detokenizer interface, for token id i as the character chr(i)."""
+
+    def __init__(self) -> None:
+        self._segment = ""
+
+    def add_token(self, token: int) -> None:
+        self._segment += chr(token)
+
+    def finalize(self) -> None:
+        pass
+
+    @property
+    def last_segment(self) -> str:
+        segment, self._segment = self._segment, ""
+        return segment
+
+
 class CharTokenizer:
     """Token id i is the character chr(i): decoding is exact and easy to reason about."""
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
+    @property
+    def detokenizer(self) -> CharDetokenizer:
+        return CharDetokenizer()
 
 
 def _scheduler(**kwargs) -> Scheduler:
