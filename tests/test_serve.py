@@ -165,6 +165,8 @@ def narrow(local_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 PAIR_RUN_ID = f"serve-pair-{os.getpid()}"
+# Longer than a slow step on 2 busy cores, shorter than the tests' idle wait.
+PAIR_STEP_TIMEOUT = 8
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,7 @@ def pair(local_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     `mlx.launch --backend ring`)."""
     cwd = tmp_path_factory.mktemp("serve-pair")
     args = ["--max-tokens", str(MAX_TOKENS), "--ready-window", "3", "--ready-deadline", "2"]
-    args += ["--step-timeout", "30"]
+    args += ["--step-timeout", str(PAIR_STEP_TIMEOUT)]
     launch = [
         str(local_cluster.venv_bin / "mlxnode"), "launch",
         "--hostfile", str(local_cluster.hostfile), "--starting-port", str(_free_ports(2)),
@@ -464,8 +466,11 @@ def test_two_ranks_answer_as_mlxnode_run(pair, monkeypatch):
     assert 'rank="0"' in text and 'rank="1"' in text
 
 
-def test_a_hung_rank_turns_ready_to_503_within_window_and_deadline(pair):
+def test_idle_ranks_outlast_the_step_timeout_but_a_hung_one_turns_ready_to_503(pair):
     """The last test of `pair`: it stops rank 1 (SIGSTOP) for good."""
+    # Idle for longer than the step timeout: the heartbeat decisions keep every rank alive.
+    time.sleep(PAIR_STEP_TIMEOUT + 1)
+    assert pair.proc.poll() is None
     assert pair.get("/ready").status_code == 200
     rank1 = _rank_pid(PAIR_RUN_ID, 1)
     os.kill(rank1, signal.SIGSTOP)
