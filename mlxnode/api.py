@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 MAX_STOPS = 4
 # Seconds a client told 429 should wait before trying again.
 RETRY_AFTER_SECONDS = 1
+# A request id a client may choose: it is echoed in headers and written to the logs.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # How often a handler waiting for a whole answer checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
 # Paths open without the API key: probes and scrapers rarely carry one.
@@ -237,7 +240,9 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = (headers.get("x-request-id") or _new_id("req"))[:64]
+        given = headers.get("x-request-id", "")
+        # A client's own id is kept (to find its request in the logs) if it is plain.
+        request_id = given if _PLAIN_ID.fullmatch(given) else _new_id("req")
         scope.setdefault("state", {})["request_id"] = request_id
         path, status = scope["path"], None
 

@@ -71,14 +71,18 @@ class Server:
     def get(self, path: str) -> Reply:
         return self.request("GET", path)
 
-    def post(self, path: str, body: object) -> Reply:
-        return self.request("POST", path, body if isinstance(body, bytes) else json.dumps(body))
+    def post(self, path: str, body: object, headers: dict | None = None) -> Reply:
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        return self.request("POST", path, data, headers)
 
-    def request(self, method: str, path: str, body: bytes | str | None = None) -> Reply:
+    def request(
+        self, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None
+    ) -> Reply:
         host, port = self.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         try:
-            conn.request(method, path, body=body, headers={"content-type": "application/json"})
+            headers = {"content-type": "application/json", **(headers or {})}
+            conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
             return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
         finally:
@@ -340,6 +344,7 @@ def test_bad_requests_name_the_field_in_openais_error_shape(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = server.get("/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    assert r.headers["x-request-id"].startswith("req-")
 
 
 def test_too_long_prompts_and_bodies_are_413(server):
@@ -545,6 +550,10 @@ def test_a_failed_generation_is_500_naming_the_request(failing):
     assert r.status_code == 500
     error = r.json()["error"]
     assert error["type"] == "server_error" and r.headers["x-request-id"] in error["message"]
+    mine = failing.post("/v1/completions", {"prompt": "a"}, headers={"x-request-id": "job-7.a"})
+    assert "job-7.a" in mine.json()["error"]["message"]
+    odd = failing.post("/v1/completions", {"prompt": "a"}, headers={"x-request-id": "a b%"})
+    assert odd.headers["x-request-id"].startswith("req-")  # not plain: replaced
     r = failing.post("/v1/completions", {"prompt": "a b c", "stream": True})
     events = [line for line in r.text.splitlines() if line]
     assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
