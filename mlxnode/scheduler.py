@@ -173,6 +173,7 @@ class Readiness:
 
     loaded: bool = False
     started: float | None = None  # the probe in flight, if any
+    stepping: float | None = None  # the step (decision and model step) in flight, if any
     done: float | None = None
     seconds: float | None = None
 
@@ -180,6 +181,9 @@ class Readiness:
         """(ready, why not) at `now`."""
         if not self.loaded:
             return False, "the model is loading"
+        # A hung peer holds rank 0 inside a collective, where no new probe can start.
+        if self.stepping is not None and now - self.stepping > deadline:
+            return False, f"a step across the ranks has run for more than {deadline:g}s"
         if self.started is not None and now - self.started > deadline:
             return False, f"a probe generation has run for more than {deadline:g}s"
         if self.done is None or now - self.done > window:
@@ -368,6 +372,8 @@ class Scheduler:
         probe = self._probe()
         if probe is not None:
             jobs.append(probe)
+        with self._lock:
+            self._readiness.stepping = time.monotonic()
         return Decision(join=jobs, leave=leave, gather=probe is not None, stop=stopping)
 
     def _forget(self, request_id: str) -> None:
@@ -407,6 +413,8 @@ class Scheduler:
         memory: list[dict[str, Any]] | None,
     ) -> None:
         """Deliver a step's tokens, and report the batch and (if gathered) every rank's memory."""
+        with self._lock:
+            self._readiness.stepping = None
         self._deliver(produced)
         if memory is not None:
             self._on_memory(memory)

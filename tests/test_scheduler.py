@@ -155,6 +155,10 @@ def test_readiness_needs_a_recent_probe_that_made_its_deadline():
     assert r.check(window=10, deadline=2, now=107.0)[0]
     ok, why = r.check(window=10, deadline=2, now=108.5)  # the probe hangs
     assert not ok and "more than 2s" in why
+    r.started, r.stepping = None, 107.0
+    assert r.check(window=10, deadline=2, now=108.0)[0]
+    ok, why = r.check(window=10, deadline=2, now=109.5)  # a step hangs: a peer is gone
+    assert not ok and "step across the ranks" in why
 
 
 def test_probe_tokens_make_the_server_ready_and_gather_memory():
