@@ -16,13 +16,13 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import cache, config, launch, run, serve
+from .commands import cache, config, health, launch, run, serve
 from .errors import MlxnodeError
 from .logs import env_rank, redact
 
 logger = logging.getLogger("mlxnode")
 
-COMMANDS = (run, serve, launch, cache, config)
+COMMANDS = (run, serve, launch, health, cache, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

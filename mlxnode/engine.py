@@ -42,10 +42,11 @@ import mlx.core as mx
 from . import distributed
 from .config import Config, GenerationConfig
 from .errors import InferenceError, MlxnodeError, UsageError
+from .files import write_atomic
 from .generation import Completion, Generation, encode, generate, make_sampler
 from .loading import Guard, ShardedModel, load_sharded, unguarded
 from .logs import env_rank
-from .metrics import RankStats, RunMetrics, write_atomic, write_metrics
+from .metrics import RankStats, RunMetrics, write_metrics
 from .model_files import read_metadata
 from .prompts import Prompt, prompts_from_json, prompts_to_json
 from .watchdog import Watchdog

@@ -171,7 +171,11 @@ EXIT_CODES: list[tuple[int, str]] = [
     (3, "model cache problem: missing, corrupt, locked or unsafe path (CacheError)"),
     (4, "download from the Hub failed (ModelDownloadError)"),
     (5, "model cannot be loaded or sharded as asked (ModelLoadError)"),
-    (6, "ranks could not connect, or a rank died or timed out (DistributedSetupError)"),
+    (
+        6,
+        "ranks could not connect, a host is not ready (`mlxnode health`, the launcher's "
+        "pre-flight), or a rank died or timed out (DistributedSetupError, PreflightError)",
+    ),
     (7, "inference failed on the given input (InferenceError)"),
     (8, "cluster busy: another run holds the launcher's lock (ClusterBusyError)"),
     (129, "stopped by SIGHUP; every rank on every host was stopped first"),

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import outcome, preflight
+from . import outcome, preflight, readiness
 from .errors import (
     USER_ERROR_CODES,
     ClusterBusyError,
@@ -42,8 +42,8 @@ from .errors import (
     MlxnodeError,
     UsageError,
 )
+from .files import write_atomic
 from .logs import DATE_FORMAT, LOG_FORMAT, RankFilter
-from .metrics import write_atomic
 from .prompts import Prompt, prompts_to_jsonl
 from .watchdog import STOP_SIGNALS
 
@@ -259,9 +259,9 @@ def launch(
             )
             report.preflight_seconds = time.monotonic() - started
             report.preflight = [dataclasses.asdict(r) for r in reports]
-            report.preflight_table = preflight.format_table(reports)
+            report.preflight_table = readiness.format_table(reports)
             report.unreachable = {r.host: str(r.error) for r in reports if not r.reachable}
-            preflight.ensure_ready(reports)
+            readiness.ensure_ready(reports)
             logger.info("pre-flight passed for %d hosts", len(hosts))
         argv = [
             str(Path(python).parent / "mlx.launch"),

@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from . import distributed
 from .config import Config
+from .formatting import format_bytes
 from .model_files import (
     ModelMetadata,
     build_model,
@@ -162,11 +163,11 @@ def _materialise(
         seconds = time.perf_counter() - started
         layers = f"layers {plan.layers[0]}-{plan.layers[1] - 1}" if plan.layers else "all"
         logger.info(
-            "loaded %s (%s) in %.2fs, peak memory %.1f MiB%s",
+            "loaded %s (%s) in %.2fs, peak memory %s%s",
             layers,
             plan.strategy,
             seconds,
-            mx.get_peak_memory() / 2**20,
+            format_bytes(mx.get_peak_memory()),
             "; waiting for the other ranks" if world_size > 1 else "",
         )
         # Bounded also when the weights came through the cache: a link cut while a peer
@@ -191,10 +192,10 @@ def _fetch_weights(config: Config, name: str, plan: ShardPlan, rank: int, world_
         force=config.cache.force_download,
     )
     logger.info(
-        "model files ready in %s (%d fetched, %.1f MiB, %.1fs)",
+        "model files ready in %s (%d fetched, %s, %.1fs)",
         local.path,
         len(local.fetched_files),
-        local.fetched_bytes / 2**20,
+        format_bytes(local.fetched_bytes),
         local.seconds,
     )
     return Path(local.path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomic
+from .formatting import format_bytes
 
 
 @dataclass
@@ -62,27 +64,9 @@ class RunMetrics:
             layers = f" layers {r.layers[0]}-{r.layers[1] - 1}" if r.layers else ""
             lines.append(
                 f"rank {r.rank} on {r.host}:{layers} load {r.load_seconds:.2f}s, "
-                f"peak memory {r.peak_memory_bytes / 2**20:.1f} MiB"
+                f"peak memory {format_bytes(r.peak_memory_bytes)}"
             )
         return "\n".join(lines)
-
-
-def write_atomic(path: str | os.PathLike[str], text: str, *, mode: int = 0o644) -> Path:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def write_metrics(path: str | os.PathLike[str], metrics: RunMetrics) -> Path:

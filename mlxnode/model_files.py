@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from .config import Config
 from .errors import ModelLoadError, UsageError
-from .sharding import checkpoint_layers, files_for_layers
+from .sharding import check_layer_coverage, files_for_layers
 
 # Config keys that give a model's context length, most common first.
 _CONTEXT_KEYS = (
@@ -183,12 +183,7 @@ def check_weight_files(
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot read {index}: {e}") from e
-    absent = sorted(set(range(layer_count)) - checkpoint_layers(weight_map))
-    if absent:
-        raise ModelLoadError(
-            f"{model_dir}'s checkpoint has no weights for layers {absent}; convert the model "
-            "with mlx_lm.convert first"
-        )
+    check_layer_coverage(weight_map, layer_count, what=str(model_dir))
     start, end = layers if layers else (0, layer_count)
     needed = files_for_layers(weight_map, start, end)
     missing = sorted(f for f in needed if not (model_dir / f).is_file())

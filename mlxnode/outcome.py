@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MlxnodeError, Stopped
+from .files import write_atomic
 from .logs import current_rank, redact
-from .metrics import write_atomic
 
 logger = logging.getLogger(__name__)
 

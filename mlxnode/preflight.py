@@ -3,6 +3,7 @@
 `mlx.launch` retries unreachable hosts for minutes and starts ranks that then
 fail on mismatched versions. Checking every host at once first turns those into
 one clear error within seconds: which host, what is wrong, a table of versions.
+This module probes; mlxnode/readiness.py judges what it found.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import paramiko
 
-from .errors import PreflightError, UsageError
+from .errors import UsageError
+from .readiness import HostReport
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +78,6 @@ class HostSpec:
     @property
     def is_local(self) -> bool:
         return self.ssh in LOCAL_HOSTS
-
-
-@dataclass
-class HostReport:
-    rank: int
-    host: str
-    reachable: bool = False
-    error: str | None = None
-    python: str | None = None
-    mlx: str | None = None
-    mlx_lm: str | None = None
-    mlxnode: str | None = None
-    ports_busy: list[int] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def load_hostfile(path: str | Path) -> list[HostSpec]:
@@ -149,73 +137,6 @@ def check_hosts(
         return [f.result() for f in futures]
 
 
-def problems(reports: Sequence[HostReport]) -> list[str]:
-    """One sentence per thing that stops the launch, naming the host."""
-    found = []
-    for r in reports:
-        if not r.reachable:
-            found.append(f"rank {r.rank} on {r.host}: {r.error}")
-        elif r.mlxnode is None or r.mlx is None:
-            found.append(
-                f"rank {r.rank} on {r.host}: mlx/mlxnode not importable with {r.python}; "
-                "run playbooks/provision.yml"
-            )
-        if r.ports_busy:
-            ports = ", ".join(map(str, r.ports_busy))
-            found.append(
-                f"rank {r.rank} on {r.host}: port {ports} already in use "
-                "(another run, or pick another --starting-port)"
-            )
-    reachable = [r for r in reports if r.reachable]
-    for attribute in ("python", "mlx", "mlx_lm", "mlxnode"):
-        hosts_by_value: dict[str, list[str]] = {}
-        for r in reachable:
-            hosts_by_value.setdefault(str(getattr(r, attribute)), []).append(r.host)
-        if len(hosts_by_value) > 1:
-            # Most hosts first, so the odd one out comes last.
-            ranked = sorted(hosts_by_value.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-            found.append(
-                f"{attribute} differs between hosts: "
-                + " vs ".join(f"{value} on {', '.join(hosts)}" for value, hosts in ranked)
-                + "; run playbooks/provision.yml so every host has the same"
-            )
-    return found
-
-
-def format_table(reports: Sequence[HostReport]) -> str:
-    header = ("rank", "host", "reachable", "python", "mlx", "mlx-lm", "mlxnode", "ports busy")
-    rows = [header] + [
-        (
-            str(r.rank),
-            r.host,
-            "yes" if r.reachable else f"NO ({r.error})",
-            r.python or "-",
-            r.mlx or "-",
-            r.mlx_lm or "-",
-            r.mlxnode or "-",
-            ",".join(map(str, r.ports_busy)) or "-",
-        )
-        for r in reports
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
-
-
-def ensure_ready(reports: Sequence[HostReport]) -> None:
-    """Raise PreflightError (carrying the table) unless every host is ready."""
-    found = problems(reports)
-    if found:
-        first = next((r for r in reports if not r.reachable), None)
-        raise PreflightError(
-            "pre-flight failed: " + "; ".join(found),
-            rank=first.rank if first else None,
-            host=first.host if first else None,
-            table=format_table(reports),
-        )
-
-
 def run_on_host(host: HostSpec, argv: Sequence[str], *, timeout: float) -> str:
     """Run `argv` on `host` (locally for 127.0.0.1) and return its stdout.
 
@@ -265,7 +186,7 @@ def _probe_host(
         report.reachable = not e.unreachable
         report.error = str(e)
         if not e.unreachable:
-            report.python = f"{python} (broken: {e})"
+            report.python = python
     except (ValueError, IndexError):
         report.reachable = True
         report.error = "probe printed no report"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from .errors import UsageError
+from .errors import ModelLoadError, UsageError
 
 # Checkpoint keys name their layer as "...layers.<n>." (mlx-lm matches the same way).
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -123,3 +123,25 @@ def files_for_layers(weight_map: Mapping[str, str], start: int, end: int) -> set
 
 def checkpoint_layers(weight_map: Mapping[str, str]) -> set[int]:
     return {n for n in (layer_of_key(k) for k in weight_map) if n is not None}
+
+
+def check_layer_coverage(weight_map: Mapping[str, str], layer_count: int, *, what: str) -> None:
+    """Fail unless the checkpoint has weights for every one of the model's layers.
+
+    A pipeline rank picks its files by layer, so a layer without weights would load
+    as random values instead of failing.
+
+    Args:
+        weight_map: The checkpoint index's key -> file mapping.
+        layer_count: How many layers the model builds.
+        what: The model, as the error names it (a repo id or a directory).
+
+    Raises:
+        ModelLoadError: some layers have no weights.
+    """
+    absent = sorted(set(range(layer_count)) - checkpoint_layers(weight_map))
+    if absent:
+        raise ModelLoadError(
+            f"{what}: the checkpoint has no weights for layers {absent} of {layer_count}; "
+            "convert it with mlx_lm.convert first"
+        )

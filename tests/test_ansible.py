@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlxnode import readiness
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PLAYBOOKS = sorted((ROOT / "playbooks").glob("*.yml"))
@@ -606,7 +608,9 @@ def test_health_flags_each_kind_of_problem():
         {},
         _healthy("e", 4, mem_free_mb=0),
     ]
-    result = filters.health(records, ["a", "b", "c", "d", "e"], disk_margin=0)
+    findings = dict(zip(["a", "b", "c", "d", "e"], records, strict=True))
+    reports = readiness.reports_from_findings(findings)
+    result = readiness.summary(reports, readiness.Limits(disk_margin=0))
     assert result["not_ready"] == ["b", "c", "d", "e"]
     problems = {row["host"]: row["problem"] for row in result["rows"]}
     assert problems["a"] == ""
@@ -618,12 +622,42 @@ def test_health_flags_each_kind_of_problem():
 
 
 def test_health_all_ready():
-    result = filters.health([_healthy("a", 0), _healthy("b", 1)], ["a", "b"])
+    findings = {"a": _healthy("a", 0), "b": _healthy("b", 1)}
+    result = readiness.summary(readiness.reports_from_findings(findings))
     assert result["ready"] is True and result["not_ready"] == []
 
 
+def test_health_cli_judges_the_findings_health_yml_hands_it():
+    """What health.yml runs on the controller: findings on stdin, the verdict as JSON."""
+    findings = {"a": _healthy("a", 0), "b": _healthy("b", 1, mem_free_mb=0), "c": {}}
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxnode", "health", "--reports", "-", "--json", "--no-config"],
+        input=json.dumps(findings), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 6, result.stderr
+    verdict = json.loads(result.stdout)
+    assert verdict["ready"] is False and verdict["not_ready"] == ["b", "c"]
+    assert verdict["lines"][0].split()[:3] == ["host", "rank", "ready"]
+    assert result.stderr.startswith("mlxnode: error: not ready: rank 1 on b: free memory")
+    assert "rank 2 on c: unreachable" in result.stderr
+
+
+def test_health_and_the_launchers_preflight_apply_one_rule():
+    skewed = readiness.HostReport(1, "b", True, python="/v/bin/python", mlx="0.31.0", mlxnode="0.1")
+    usual = readiness.HostReport(0, "a", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1")
+    findings = {
+        r.host: _healthy(r.host, r.rank, versions=dataclasses.asdict(r)) for r in (usual, skewed)
+    }
+    from_ansible = readiness.summary(readiness.reports_from_findings(findings))
+    assert from_ansible["problems"] == readiness.problems([usual, skewed])
+    assert from_ansible["problems"] == [
+        "mlx differs between hosts: 0.31.0 on b vs 0.32.4 on a; run playbooks/provision.yml "
+        "so every host has the same"
+    ]
+
+
 def test_table_aligns_columns():
-    lines = filters.table([{"a": "x", "b": 10}, {"a": "long", "b": None}], ["a", "b"])
+    lines = filters.format_table([{"a": "x", "b": 10}, {"a": "long", "b": None}], ["a", "b"])
     assert lines == ["a     b", "----  --", "x     10", "long"]
 
 

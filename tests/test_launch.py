@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxnode import preflight
+from mlxnode import preflight, readiness
 from mlxnode.errors import ClusterBusyError, DistributedSetupError, PreflightError
 from mlxnode.launcher import cluster_lock
 
@@ -94,7 +94,7 @@ def test_preflight_of_local_ranks_reports_versions(tmp_path):
     assert [r.rank for r in reports] == [0, 1]
     assert all(r.reachable and r.mlxnode and r.mlx for r in reports)
     assert reports[0].python == sys.executable
-    preflight.ensure_ready(reports)
+    readiness.ensure_ready(reports)
 
 
 def test_preflight_names_a_busy_port(tmp_path):
@@ -105,7 +105,7 @@ def test_preflight_names_a_busy_port(tmp_path):
         squatter.listen()
         reports = preflight.check_hosts(hosts, python=sys.executable, starting_port=port)
     with pytest.raises(DistributedSetupError, match=rf"rank 1 on 127.0.0.1: port {port + 1}"):
-        preflight.ensure_ready(reports)
+        readiness.ensure_ready(reports)
 
 
 def test_preflight_fails_fast_naming_an_unreachable_host(tmp_path):
@@ -115,7 +115,7 @@ def test_preflight_fails_fast_naming_an_unreachable_host(tmp_path):
     reports = preflight.check_hosts(hosts, python=sys.executable, timeout=3)
     assert time.monotonic() - started < 20
     with pytest.raises(DistributedSetupError, match="rank 1 on 127.0.0.2: unreachable over SSH"):
-        preflight.ensure_ready(reports)
+        readiness.ensure_ready(reports)
 
 
 def test_preflight_cli_prints_table_and_exits_6(tmp_path):
@@ -134,15 +134,15 @@ def test_preflight_cli_prints_table_and_exits_6(tmp_path):
 
 def test_version_skew_is_a_problem_with_a_table():
     reports = [
-        preflight.HostReport(0, "a", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1.0"),
-        preflight.HostReport(1, "b", True, python="/v/bin/python", mlx="0.31.0", mlxnode="0.1.0"),
-        preflight.HostReport(2, "c", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1.0"),
+        readiness.HostReport(0, "a", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1.0"),
+        readiness.HostReport(1, "b", True, python="/v/bin/python", mlx="0.31.0", mlxnode="0.1.0"),
+        readiness.HostReport(2, "c", True, python="/v/bin/python", mlx="0.32.4", mlxnode="0.1.0"),
     ]
     with pytest.raises(PreflightError) as info:
-        preflight.ensure_ready(reports)
+        readiness.ensure_ready(reports)
     assert "mlx differs between hosts: 0.32.4 on a, c vs 0.31.0 on b;" in str(info.value)
     assert "\n" not in str(info.value)  # one line; the table travels beside it
-    assert "0.31.0" in info.value.table and info.value.table == preflight.format_table(reports)
+    assert "0.31.0" in info.value.table and info.value.table == readiness.format_table(reports)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import CacheError, MlxnodeError, ModelDownloadError
+from ..formatting import format_bytes
 from ..logs import redact
 
 logger = logging.getLogger(__name__)
@@ -219,8 +220,8 @@ def describe_error(
         where, needed = disk if disk is not None else (Path("."), 0)
         free = _free_bytes(where)
         return fail(
-            f"no space left on device in {where}: {human_bytes(needed)} needed, "
-            f"{human_bytes(free)} free; free some space or point --cache-dir elsewhere"
+            f"no space left on device in {where}: {format_bytes(needed)} needed, "
+            f"{format_bytes(free)} free; free some space or point --cache-dir elsewhere"
         )
     tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}"
     if failure.retried_by_hub:
@@ -228,22 +229,13 @@ def describe_error(
     return fail(f"could not download {what} from {endpoint}{tries}: {failure.reason}")
 
 
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (powers of 1000, like download sizes on the Hub)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def check_free_space(where: Path, needed: int, *, repo_id: str) -> None:
     """Raise ModelDownloadError before downloading if `needed` bytes cannot fit at `where`."""
     free = _free_bytes(where)
     if needed > free:
         raise ModelDownloadError(
-            f"not enough disk space in {where} for {repo_id}: {human_bytes(needed)} needed, "
-            f"{human_bytes(free)} free; free some space or point --cache-dir elsewhere",
+            f"not enough disk space in {where} for {repo_id}: {format_bytes(needed)} needed, "
+            f"{format_bytes(free)} free; free some space or point --cache-dir elsewhere",
             repo_id=repo_id,
         )
 

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CacheError, UsageError
+from ..files import write_atomic
 
 METADATA_FILE = "mlxnode.json"
 METADATA_FORMAT = 1
@@ -280,24 +280,11 @@ def write_metadata(paths: ModelPaths, metadata: ModelMetadata) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and os.replace, so readers never see half."""
-    tmp = None
+    """`write_atomic`, with a failure reported as the cache's own error."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise CacheError(f"cannot write {path}: {e.strerror or e}", path=str(path)) from e
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def iter_models(cache_dir: Path) -> Iterator[ModelPaths]:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CacheError, ModelDownloadError
+from ..formatting import format_bytes
 from . import layout
 from .hub import (
     TransientError,
     check_free_space,
     describe_error,
-    human_bytes,
     with_retries,
 )
 from .layout import FileRecord, ModelMetadata, ModelPaths, PrewarmRecord
@@ -405,7 +405,7 @@ class ModelCacheManager:
         with self._locked(paths):
             freed = layout.disk_usage(paths.root)
             shutil.rmtree(paths.root)
-        logger.info("removed %s (%s) from %s", repo_id, human_bytes(freed), self.cache_dir)
+        logger.info("removed %s (%s) from %s", repo_id, format_bytes(freed), self.cache_dir)
         return freed
 
     # -- resolving a revision
@@ -579,7 +579,7 @@ class ModelCacheManager:
         _discard_incomplete(paths.root / layout.STAGING_DIR)
         needed = sum(files[n].size or 0 for n in todo)
         check_free_space(paths.root, needed, repo_id=paths.repo_id)
-        logger.debug("fetching %d file(s), %s: %s", len(todo), human_bytes(needed), todo)
+        logger.debug("fetching %d file(s), %s: %s", len(todo), format_bytes(needed), todo)
         progress = Progress(
             needed, label=f"{paths.repo_id} ({len(todo)} files)", enabled=self.progress
         )

@@ -173,12 +173,7 @@ def plan_files(
             f"no layer keys in {INDEX_FILE}); use --strategy tensor or --all"
         )
     weight_map = _weight_map(index)
-    absent = set(range(layers)) - sharding.checkpoint_layers(weight_map)
-    if absent:
-        raise ModelLoadError(
-            f"{repo_id}: the checkpoint has no weights for layers {sorted(absent)} of {layers}; "
-            "convert it with mlx_lm.convert first"
-        )
+    sharding.check_layer_coverage(weight_map, layers, what=repo_id)
     split = sharding.resolve_split(layers, spec.world_size, split=spec.split, weights=spec.weights)
     needed: set[str] = set()
     ranges: dict[int, tuple[int, int]] = {}

@@ -13,13 +13,12 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .hub import human_bytes
+from ..formatting import format_byte_pair, format_bytes
 
 logger = logging.getLogger(__name__)
 
 # Seconds between two plain progress lines when stderr is not a terminal.
 LOG_EVERY = 10.0
-_UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
 
 
 class Progress:
@@ -59,9 +58,10 @@ class Progress:
             self._bar = tqdm(
                 total=self.total,
                 desc=label,
-                unit="B",
+                # Binary units (KiB, MiB), like every other size mlxnode shows.
+                unit="iB",
                 unit_scale=True,
-                unit_divisor=1000,
+                unit_divisor=1024,
                 file=self._stream,
                 position=0,
                 dynamic_ncols=True,
@@ -107,9 +107,9 @@ class Progress:
             logger.info(
                 "%s: downloaded %s in %.1fs (%s/s)",
                 self.label,
-                human_bytes(self.done),
+                format_bytes(self.done),
                 elapsed,
-                human_bytes(self.done / elapsed),
+                format_bytes(self.done / elapsed),
             )
 
     def _line(self, now: float) -> str:
@@ -119,8 +119,8 @@ class Progress:
         eta = (self.total - self._done) / rate if rate > 0 else None
         eta_text = f", ETA {_duration(eta)}" if eta is not None else ""
         return (
-            f"{self.label}: downloaded {_pair(self._done, self.total)} "
-            f"({percent:.0f}%, {human_bytes(rate)}/s{eta_text})"
+            f"{self.label}: downloaded {format_byte_pair(self._done, self.total)} "
+            f"({percent:.0f}%, {format_bytes(rate)}/s{eta_text})"
         )
 
 
@@ -138,9 +138,10 @@ class _FileBar:
                 total=kwargs.get("total"),
                 initial=kwargs.get("initial", 0),
                 desc=name,
-                unit="B",
+                # Binary units (KiB, MiB), like every other size mlxnode shows.
+                unit="iB",
                 unit_scale=True,
-                unit_divisor=1000,
+                unit_divisor=1024,
                 file=progress._stream,
                 leave=False,
                 dynamic_ncols=True,
@@ -169,14 +170,6 @@ class _FileBar:
     def __getattr__(self, name: str) -> Any:
         # set_postfix_str, refresh, ...: nothing to do for a bar that may not be shown.
         return lambda *args, **kwargs: None
-
-
-def _pair(done: float, total: float) -> str:
-    """``"1.2/3.4 GB"``: both numbers in the total's unit."""
-    for unit, scale in _UNITS:
-        if total >= scale:
-            return f"{done / scale:.1f}/{total / scale:.1f} {unit}"
-    return f"{done:.0f}/{total:.0f} B"
 
 
 def _duration(seconds: float) -> str:

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..cache import LocalModel, ModelCacheManager, local_model
-from ..cache.hub import human_bytes
 from ..cache.layout import ModelPaths, is_commit, read_metadata, validate_repo_id
 from ..config import ResolvedConfig
 from ..errors import CacheError, UsageError
+from ..formatting import format_bytes, format_table
 from .common import add_config_flags, configure
 
 # Generation settings mean nothing to the cache; keep them out of its help.
@@ -144,10 +144,11 @@ def list_models(resolved: ResolvedConfig, *, as_json: bool = False) -> int:
     if not models:
         print(f"no models cached in {manager.cache_dir}")
         return 0
-    rows = [("MODEL", "REVISION", "COMMIT", "FILES", "SIZE", "LAST USED", "COMPLETE FOR")]
+    columns = ("MODEL", "REVISION", "COMMIT", "FILES", "SIZE", "LAST USED", "COMPLETE FOR")
+    rows = []
     for model in models:
         if not model.commits:
-            rows.append((model.repo_id, "-", "-", "0/?", human_bytes(model.size_bytes), "-", "-"))
+            rows.append((model.repo_id, "-", "-", "0/?", format_bytes(model.size_bytes), "-", "-"))
         for c in model.commits:
             rows.append(
                 (
@@ -155,14 +156,12 @@ def list_models(resolved: ResolvedConfig, *, as_json: bool = False) -> int:
                     ",".join(c.revisions) or "-",
                     c.commit[:10],
                     f"{c.files_present}/{c.files_expected}",
-                    human_bytes(model.size_bytes),
+                    format_bytes(model.size_bytes),
                     _when(model.last_used),
                     "; ".join(_describe_prewarm(p) for p in c.complete_for) or "-",
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print("\n".join(format_table(rows, columns)))
     return 0
 
 
@@ -211,9 +210,9 @@ def clear_models(
             return 0
     sizes = {t: manager.model_size(t) for t in targets}
     what = (
-        f"{targets[0]} ({human_bytes(sizes[targets[0]])})"
+        f"{targets[0]} ({format_bytes(sizes[targets[0]])})"
         if model is not None
-        else f"all {len(targets)} models ({human_bytes(sum(sizes.values()))})"
+        else f"all {len(targets)} models ({format_bytes(sum(sizes.values()))})"
     )
     if not yes:
         if not sys.stdin.isatty():
@@ -228,7 +227,7 @@ def clear_models(
             return 0
     for target in targets:
         freed = manager.remove(target)
-        print(f"removed {target} ({human_bytes(freed)})")
+        print(f"removed {target} ({format_bytes(freed)})")
     return 0
 
 
@@ -245,14 +244,14 @@ def _size(resolved: ResolvedConfig, repo: str | None, *, as_json: bool) -> int:
                 "cache_dir": str(manager.cache_dir),
                 "models": sizes,
                 "bytes": total,
-                "human": human_bytes(total),
+                "human": format_bytes(total),
             }
         )
         return 0
-    for name, size in sizes.items():
-        print(f"{human_bytes(size):>10}  {size:>14} B  {name}")
+    rows = [(format_bytes(size), size, name) for name, size in sizes.items()]
     if repo is None:
-        print(f"{human_bytes(total):>10}  {total:>14} B  total in {manager.cache_dir}")
+        rows.append((format_bytes(total), total, f"total in {manager.cache_dir}"))
+    print("\n".join(format_table(rows, ("SIZE", "BYTES", "MODEL"))))
     return 0
 
 
@@ -320,18 +319,18 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
     head = f"{repo} @ {result['commit'][:10]} ({config.model.revision}) -> {result['path']}"
     print(head)
     needed_bytes = sum(n["size"] or 0 for n in result["needed"])
-    print(f"  needed:  {len(result['needed'])} files, {human_bytes(needed_bytes)}")
+    print(f"  needed:  {len(result['needed'])} files, {format_bytes(needed_bytes)}")
     for item in result["needed"]:
         note = "" if not args.dry_run else ("  cached" if item["cached"] else "  missing")
-        size = human_bytes(item["size"]) if item["size"] is not None else "?"
+        size = format_bytes(item["size"]) if item["size"] is not None else "?"
         print(f"    {item['file']}  {size}{note}")
     if args.dry_run:
         print(
-            f"  would fetch {len(result['missing'])} files, {human_bytes(result['missing_bytes'])}"
+            f"  would fetch {len(result['missing'])} files, {format_bytes(result['missing_bytes'])}"
         )
     else:
         print(
-            f"  fetched: {len(result['fetched'])} files, {human_bytes(result['fetched_bytes'])} "
+            f"  fetched: {len(result['fetched'])} files, {format_bytes(result['fetched_bytes'])} "
             f"in {result['seconds']:.1f}s"
         )
     return 0

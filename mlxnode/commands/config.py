@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..config import is_secret, iter_fields
+from ..formatting import format_table
 from .common import add_config_flags, resolve_config
 
 
@@ -32,8 +33,6 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if resolved.file is not None:
         print(f"# config file: {resolved.file}")
-    width = max(len(k) for k, _, _ in rows)
-    for key, value, source in rows:
-        shown = "null" if value is None else json.dumps(value)
-        print(f"{key:<{width}}  {shown:<28}  {source}")
+    shown = [(key, "null" if value is None else json.dumps(value), s) for key, value, s in rows]
+    print("\n".join(format_table(shown, ("KEY", "VALUE", "SOURCE"))))
     return 0

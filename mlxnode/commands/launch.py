@@ -1,4 +1,4 @@
-"""`mlxnode launch` and `mlxnode preflight`: start a run on every host, safely.
+"""`mlxnode launch`: start a run on every host, safely.
 
 `launch` is what the `mlxnode_run` Ansible role calls on the launcher host:
 cluster lock, pre-flight, `mlx.launch`, a timeout, and an exit code that names
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -30,9 +29,12 @@ from .common import add_config_flags, configure
 _LAUNCH_KEYS = ("logging.level", "distributed.backend")
 
 
-def _add_common(parser: argparse.ArgumentParser, keys: tuple[str, ...]) -> None:
+def add_host_flags(
+    parser: argparse.ArgumentParser, keys: tuple[str, ...], *, hostfile_required: bool = True
+) -> None:
+    """The hostfile and how to reach its hosts; `mlxnode health` takes them too."""
     parser.add_argument(
-        "--hostfile", required=True, metavar="PATH", help="mlx.launch hostfile (JSON)."
+        "--hostfile", required=hostfile_required, metavar="PATH", help="mlx.launch hostfile (JSON)."
     )
     parser.add_argument(
         "--python",
@@ -57,13 +59,6 @@ def _add_common(parser: argparse.ArgumentParser, keys: tuple[str, ...]) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    check = subparsers.add_parser(
-        "preflight", help="Check every host of a hostfile is reachable, free and in step."
-    )
-    _add_common(check, ("logging.level",))
-    check.add_argument("--json", action="store_true", help="Print the reports as JSON.")
-    check.set_defaults(handler=preflight_main)
-
     run = subparsers.add_parser(
         "launch",
         help="Start `mlxnode run` (or `serve`) on every host with mlx.launch (lock, "
@@ -73,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "`-- serve ARGS` starts `mlxnode serve ARGS` on every rank instead, with no timeout "
         "unless --timeout is given; it runs until the launch is stopped.",
     )
-    _add_common(run, _LAUNCH_KEYS)
+    add_host_flags(run, _LAUNCH_KEYS)
     run.add_argument("--run-id", help="Name of this run (default: time and pid).")
     run.add_argument(
         "--timeout",
@@ -112,23 +107,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="-- then `mlxnode run` arguments, or `serve` and `mlxnode serve` arguments.",
     )
     run.set_defaults(handler=launch_main)
-
-
-def preflight_main(args: argparse.Namespace) -> int:
-    configure(args)
-    hosts = preflight.load_hostfile(args.hostfile)
-    reports = preflight.check_hosts(
-        hosts,
-        python=args.python or sys.executable,
-        starting_port=args.starting_port,
-        timeout=args.connect_timeout,
-    )
-    if args.json:
-        print(json.dumps([vars(r) for r in reports], indent=2))
-    else:
-        print(preflight.format_table(reports))
-    preflight.ensure_ready(reports)
-    return 0
 
 
 def launch_main(args: argparse.Namespace) -> int:

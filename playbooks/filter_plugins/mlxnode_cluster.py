@@ -12,6 +12,11 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# One byte format and one table layout for mlxnode and its playbooks. The controller runs
+# ansible-playbook from the virtualenv that holds mlxnode (`make setup`), as fanout mode's
+# prewarm and health.yml's verdict need anyway.
+from mlxnode.formatting import format_bytes, format_table
+
 try:
     from ansible.errors import AnsibleFilterError
 except ImportError:  # imported by the tests without Ansible on the path
@@ -286,138 +291,12 @@ def known_hosts_file(hv: Mapping[str, Any], default: str = "~/.ssh/known_hosts")
     return default
 
 
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
-    """Rows as aligned text lines (header, rule, one line per row) for `debug: msg`."""
-    cells = [[str(c) for c in columns]]
-    for row in rows:
-        cells.append(["" if row.get(c) is None else str(row.get(c)) for c in columns])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-
-    def fmt(line: list[str]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
-
-    return [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(line) for line in cells[1:]]
-
-
-def human_bytes(n: Any) -> str:
-    """1536 -> '1.5 KiB'."""
-    size = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def item(seq: Sequence[Any], index: int, default: Any = None) -> Any:
     """seq[index], or `default` when it is out of range."""
     try:
         return seq[index]
     except (IndexError, TypeError):
         return default
-
-
-def _int(value: Any, default: int = -1) -> int:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return default
-
-
-def health(
-    records: Sequence[Mapping[str, Any] | None],
-    hosts: Sequence[str],
-    *,
-    memory_factor: float = 1.0,
-    disk_margin: int = 0,
-) -> dict[str, Any]:
-    """Judge each host's readiness from what health.yml recorded.
-
-    A host is ready when it answers, its venv imports MLX and mlxnode, its python path
-    and versions match the majority, its cache verifies for its rank, and its free
-    memory and disk cover its rank's files. Returns ``{"ready", "not_ready", "rows", "lines"}``.
-    """
-    records = [dict(r or {}) for r in records]
-    for rec, host in zip(records, hosts, strict=True):
-        rec.setdefault("host", host)
-    signatures = {}
-    for rec in records:
-        v = rec.get("versions") or {}
-        if v:
-            key = (v.get("python"), v.get("mlx"), v.get("mlxnode"))
-            signatures[key] = signatures.get(key, 0) + 1
-    majority = max(signatures, key=lambda k: signatures[k]) if signatures else None
-
-    rows, not_ready = [], []
-    for rec in records:
-        problems = []
-        versions = rec.get("versions") or {}
-        need = rec.get("need") or {}
-        verify = rec.get("verify") or {}
-        need_bytes = sum(_int(f.get("size"), 0) for f in need.get("needed", []) or [])
-        missing_bytes = _int(need.get("missing_bytes"), 0)
-        mem_free = _int(rec.get("mem_free_mb")) * 1048576
-        disk_free = _int(rec.get("disk_free_kb")) * 1024
-        reachable = str(rec.get("reachable", False)).lower() == "true"
-        venv_ok = str(rec.get("venv_ok", False)).lower() == "true"
-        if not reachable:
-            problems.append("unreachable")
-        elif not venv_ok:
-            problems.append(f"venv broken: {rec.get('venv_error') or 'mlx/mlxnode do not import'}")
-        sig = (versions.get("python"), versions.get("mlx"), versions.get("mlxnode"))
-        if versions and majority and sig != majority:
-            problems.append(
-                f"versions differ from the others ({majority[0]}, mlx {majority[1]}, "
-                f"mlxnode {majority[2]})"
-            )
-        if verify:
-            cache = "complete" if verify.get("ok") else "incomplete"
-            if not verify.get("ok"):
-                missing = verify.get("missing") or []
-                corrupt = verify.get("corrupt") or {}
-                detail = [f"missing {', '.join(missing)}"] if missing else []
-                detail += [f"corrupt {', '.join(corrupt)}"] if corrupt else []
-                problems.append("cache " + ("; ".join(detail) or "incomplete"))
-        else:
-            cache = "unknown"
-            if reachable and venv_ok:
-                problems.append(f"cache not verifiable: {rec.get('verify_error') or 'no answer'}")
-        if reachable and need_bytes and mem_free >= 0 and mem_free < need_bytes * memory_factor:
-            problems.append(
-                f"free memory {human_bytes(mem_free)} < {human_bytes(need_bytes * memory_factor)}"
-            )
-        if reachable and disk_free >= 0 and disk_free < missing_bytes + disk_margin:
-            problems.append(
-                f"free disk {human_bytes(disk_free)} < {human_bytes(missing_bytes + disk_margin)}"
-            )
-        ready = not problems
-        if not ready:
-            not_ready.append(rec["host"])
-        rows.append(
-            {
-                "host": rec["host"],
-                "rank": rec.get("rank", "?"),
-                "ready": "yes" if ready else "NO",
-                "python": versions.get("python", "-"),
-                "mlx": versions.get("mlx", "-"),
-                "mlxnode": versions.get("mlxnode", "-"),
-                "cache": cache,
-                "rank_files": human_bytes(need_bytes) if need else "-",
-                "mem_free": human_bytes(mem_free) if mem_free >= 0 else "-",
-                "disk_free": human_bytes(disk_free) if disk_free >= 0 else "-",
-                "problem": "; ".join(problems),
-            }
-        )
-    columns = [
-        "host", "rank", "ready", "python", "mlx", "mlxnode", "cache",
-        "rank_files", "mem_free", "disk_free", "problem",
-    ]  # fmt: skip
-    return {
-        "ready": not not_ready,
-        "not_ready": not_ready,
-        "rows": rows,
-        "lines": table(rows, columns),
-    }
 
 
 class FilterModule:
@@ -435,8 +314,7 @@ class FilterModule:
             "mlxnode_rsync_ssh": rsync_ssh,
             "mlxnode_rsync_target": rsync_target,
             "mlxnode_known_hosts_file": known_hosts_file,
-            "mlxnode_table": table,
-            "mlxnode_human_bytes": human_bytes,
+            "mlxnode_table": format_table,
+            "mlxnode_human_bytes": format_bytes,
             "mlxnode_item": item,
-            "mlxnode_health": health,
         }
