@@ -17,9 +17,7 @@ Writes a Markdown table to stdout and benchmarks/results/ansible.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -27,15 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, ROOT, machine, now, versions, write_results
 
-from tests.support.hubserver import HubServer, parse_rate  # noqa: E402
-from tests.support.testbed import Testbed  # noqa: E402
-from tests.support.tiny_model import make_tiny_model  # noqa: E402
+from mlxnode.formatting import format_bytes
+from tests.support.hubserver import HubServer, parse_rate
+from tests.support.testbed import Testbed
+from tests.support.tiny_model import make_tiny_model
 
 NAME = "mlxbench"
 SUBNET = "10.213.11.0/24"
@@ -154,7 +151,7 @@ def bench_prewarm(bed: Testbed, hub: HubServer, work: Path, reps: int, all_files
             "hub_bytes_median": statistics.median(hub_bytes),
         }
         print(f"  prewarm {'replicas' if all_files else 'pipeline'} {mode}: "
-              f"{statistics.median(walls):.1f} s, {statistics.median(hub_bytes) / 1e6:.1f} MB",
+              f"{statistics.median(walls):.1f} s, {format_bytes(statistics.median(hub_bytes))}",
               file=sys.stderr)  # fmt: skip
     results["wall_ratio_fanout_to_direct"] = (
         results["fanout"]["wall_median_s"] / results["direct"]["wall_median_s"]
@@ -162,24 +159,11 @@ def bench_prewarm(bed: Testbed, hub: HubServer, work: Path, reps: int, all_files
     return results
 
 
-def machine() -> dict:
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "python": platform.python_version(),
-        # Other work on the machine skews wall times; record how busy it was.
-        "loadavg_at_end": os.getloadavg(),
-        "ansible_core": version("ansible-core"),
-        "mlx": version("mlx"),
-        "mlx_lm": version("mlx-lm"),
-        "mlxnode": version("mlxnode"),
-        "rsync": subprocess.run(
-            ["rsync", "--version"], capture_output=True, text=True
-        ).stdout.splitlines()[0],
-    }
+def _rsync() -> str:
+    """rsync's version line: fanout mode's pushes depend on it."""
+    return subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split(
+        "\n"
+    )[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prewarm-reps", type=int, default=3)
     parser.add_argument("--rate", default="20MB", help="Hub byte rate, e.g. 20MB (per second)")
     parser.add_argument("--hidden-size", type=int, default=384, help="size of the bench model")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "ansible.json"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "ansible.json")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-ansible-"))
@@ -204,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         bed.down()
         bed.up()
         with HubServer(hub_root, host=bed.controller_ip, port=0) as hub:
-            print(f"model {model_bytes / 1e6:.1f} MB; site.yml x{args.reps}", file=sys.stderr)
+            print(f"model {format_bytes(model_bytes)}; site.yml x{args.reps}", file=sys.stderr)
             site = bench_site(hub, work, args.reps)
         bed = Testbed(NAME, hosts=len(HOSTS), subnet=SUBNET)
         rate = parse_rate(args.rate)
@@ -220,20 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {
+        "date": now(),
         "machine": machine(),
+        "versions": {**versions("ansible-core", "mlx", "mlx-lm", "mlxnode"), "rsync": _rsync()},
         "hosts": len(HOSTS),
         "model_bytes": model_bytes,
         "hub_rate_bytes_per_s": rate,
         "split": SPLIT,
         "site": site,
         "prewarm": prewarm,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
-    mb = 1e6
-    print(f"## Ansible layer, {len(HOSTS)}-host testbed ({result['machine']['cpus']} cores)\n")
+    print(f"## Ansible layer, {len(HOSTS)}-host testbed ({result['machine']['cpu_count']} cores)\n")
     print("| measurement | result | target |")
     print("|---|---|---|")
     print(f"| site.yml first (median of {args.reps}) | {site['first_median_s']:.1f} s | |")
@@ -247,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             target = "1.0x model" if mode == "fanout" else ""
             print(
                 f"| prewarm {layout} {mode} @ {args.rate}/s | {r['wall_median_s']:.1f} s, "
-                f"Hub {r['hub_bytes_median'] / mb:.1f} MB ({share:.2f}x model) | {target} |"
+                f"Hub {format_bytes(r['hub_bytes_median'])} ({share:.2f}x model) | {target} |"
             )
         ratio = res["wall_ratio_fanout_to_direct"]
         print(f"| fanout / direct wall ({layout}) | {ratio:.2f}x | <= 0.5x |")
-    print(f"\nmodel {model_bytes / mb:.1f} MB; results in {args.out.relative_to(ROOT)}")
+    print(f"\nmodel {format_bytes(model_bytes)}; results in {args.out.relative_to(ROOT)}")
     return 0
 
 

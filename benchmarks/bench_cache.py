@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import struct
@@ -33,10 +32,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from the checkout
+from common import RESULTS, machine, machine_line, now, versions, write_results
 
 # Isolate huggingface_hub from the real home before anything imports it.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="bench_cache."))
@@ -52,7 +50,7 @@ from tests.support.hubserver import HubServer, parse_rate  # noqa: E402
 from tests.support.real_model import real_model  # noqa: E402
 from tests.support.tiny_model import make_tiny_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cache.json"
+RESULT_FILE = RESULTS / "cache.json"
 DEFAULT_REPEATS = 5
 DEFAULT_RATE = "20MB"
 TIME_TARGET = 0.35
@@ -82,15 +80,15 @@ def main() -> int:
         default=DEFAULT_RATE,
         help="Server body rate for the timings, e.g. 20MB; 'none' for loopback speed.",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="Where to write the JSON.")
+    parser.add_argument("--output", type=Path, default=RESULT_FILE, help="Where to write the JSON.")
     args = parser.parse_args()
     rate = None if args.rate_limit.lower() == "none" else parse_rate(args.rate_limit)
 
     root = _SCRATCH / "hub"
     report: dict = {
-        "machine": _machine(),
-        "versions": _versions(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions("mlx", "mlx-lm", "huggingface_hub"),
+        "date": now(),
         "repeats": args.repeats,
         "rate_limit_bytes_per_s": rate,
         "time_target": TIME_TARGET,
@@ -123,9 +121,8 @@ def main() -> int:
         )
         print(_markdown(shape, bytes_rows, time_rows, sum(tensors["files"].values()), rate))
         print()
-    print(_machine_line(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(machine_line(report["machine"], report["versions"]))
+    write_results(args.output, report)
     print(f"\nwrote {args.output}")
     return 0
 
@@ -277,39 +274,6 @@ def _markdown(
             f"| {row['what']} | {rank} | {row['median_s']:.3f} | {row['ratio']:.2f} | {within} |"
         )
     return "\n".join(lines)
-
-
-def _machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    versions = {name: version(name) for name in ("mlx", "mlx-lm", "huggingface_hub")}
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        versions["mlxnode_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            check=True,
-        ).stdout.strip()
-    return versions
-
-
-def _machine_line(report: dict) -> str:
-    m, v = report["machine"], report["versions"]
-    return (
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, Python {m['python']}; "
-        f"mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, huggingface_hub {v['huggingface_hub']}"
-    )
 
 
 if __name__ == "__main__":

@@ -27,19 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from the checkout
+from common import RESULTS, machine, now, versions, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.97
 SHAPE = {
     "arch": "llama",
@@ -173,13 +169,10 @@ def main() -> None:
         print(f"made the model in {time.perf_counter() - started:.1f}s", flush=True)
 
     report: dict = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": now(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": _machine(),
-        "versions": {
-            **{name: _version(name) for name in ("mlx", "mlx-cuda-13", "mlx-lm")},
-            "mlxnode_commit": os.environ.get("MLXNODE_COMMIT"),
-        },
+        "machine": machine(),
+        "versions": versions("mlx", "mlx-cuda-13", "mlx-lm"),
         "backend": args.backend,
         "model": {**(SMALL if args.small else SHAPE), "weights": "random (tiny_model)"},
         "prompt_tokens": PROMPT_TOKENS,
@@ -267,11 +260,11 @@ def main() -> None:
             )
             row["token_ids"] = samples[-1]["token_ids"]
         report["results"].append(row)
-        _write(args.out, report)
+        write_results(args.out, report)
 
     _compare(report)
     report["total_seconds"] = time.perf_counter() - t0
-    _write(args.out, report)
+    write_results(args.out, report)
     print(json.dumps(report["summary"], indent=1), flush=True)
 
 
@@ -297,32 +290,6 @@ def _compare(report: dict) -> None:
         summary["overhead_ratio"] = round(ratio, 3)
         summary["overhead_target_met"] = ratio >= TARGET
     report["summary"] = summary
-
-
-def _write(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except Exception:
-        return None
-
-
-def _machine() -> dict:
-    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-    try:
-        gpus = subprocess.run(query, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        gpus = ""
-    return {
-        "gpus": gpus.splitlines(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 if __name__ == "__main__":

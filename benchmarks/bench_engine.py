@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -37,16 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, from the checkout
+from common import RESULTS, machine, machine_line, now, versions, write_results
 
 from tests.support.real_model import real_model
 from tests.support.tiny_model import make_tiny_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 BACKEND = "ring"
 OVERHEAD_TARGET = 0.97
@@ -151,14 +147,10 @@ def main() -> int:
     batching = _batching(model, args, scratch)
     batching["mlx_lm_in_process"] = _batching_ceiling(model, args)
     report = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": now(),
         # Other work on the machine skews both sides; the interleaving only evens it out.
-        "machine": {
-            **_machine(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
-        "versions": _versions(),
+        "machine": {**machine(), "load_average_before": load_before},
+        "versions": versions("mlx", "mlx-lm"),
         "backend": BACKEND,
         "ranks": args.ranks,
         "model": described,
@@ -171,8 +163,7 @@ def main() -> int:
     output = args.output or RESULTS / (
         "engine.json" if args.model == "real" else "engine-tiny.json"
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(output, report)
     print(_markdown(report))
     print(f"\nwrote {output}")
     return 0
@@ -343,51 +334,11 @@ def _parameters(shape: dict) -> int:
     return n * per_layer + 2 * shape["vocab_size"] * h
 
 
-def _machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor()
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "mlx_device": _mlx_device(),
-    }
-
-
-def _mlx_device() -> str:
-    import mlx.core as mx
-
-    return str(mx.default_device())
-
-
-def _versions() -> dict:
-    versions = {name: version(name) for name in ("mlx", "mlx-lm")}
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        versions["mlxnode_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            check=True,
-        ).stdout.strip()
-    return versions
-
-
 def _markdown(report: dict) -> str:
     m, v, shape = report["machine"], report["versions"], report["model"]
     lines = [
-        f"Machine: {m['cpu'] or m['machine']}, {m['cpu_count']} CPUs, {m['platform']}, MLX device "
-        f"{m['mlx_device']}; mlx {v['mlx']}, mlx-lm {v['mlx-lm']}; backend {report['backend']}, "
-        f"{report['ranks']} ranks on one host; load average {m['load_average_before'][0]:.1f} "
-        f"before, {m['load_average_after'][0]:.1f} after.",
+        f"{machine_line(m, v)} after, {m['load_average_before'][0]:.1f} before; "
+        f"backend {report['backend']}, {report['ranks']} ranks on one host.",
         f"Model: {shape.get('name', 'tiny ' + shape['arch'])}, {shape['num_layers']} layers, "
         f"{shape['parameters'] / 1e6:.1f}M params, "
         f"{shape['dtype']}; greedy, {report['max_tokens']} tokens per prompt; medians of "
