@@ -46,6 +46,7 @@ from huggingface_hub import snapshot_download  # noqa: E402
 
 from mlxnode import sharding  # noqa: E402
 from mlxnode.cache import ModelCacheManager  # noqa: E402
+from mlxnode.formatting import format_bytes  # noqa: E402
 from tests.support.hubserver import HubServer, parse_rate  # noqa: E402
 from tests.support.real_model import real_model  # noqa: E402
 from tests.support.tiny_model import make_tiny_model  # noqa: E402
@@ -244,21 +245,20 @@ def _tensor_sizes(model_dir: Path) -> dict:
 def _markdown(
     shape: Shape, bytes_rows: list[dict], time_rows: list[dict], total: int, rate: float | None
 ) -> str:
-    mb = 1e6
     lines = [
         f"### {shape.name}: {shape.num_layers} layers in {shape.num_shards} files, "
-        f"hidden {shape.hidden_size}, {total / mb:.1f} MB of weights",
+        f"hidden {shape.hidden_size}, {format_bytes(total)} of weights",
         "",
-        "| N | rank | layers | weight MB fetched | share of all weights | target MB | within |",
+        "| N | rank | layers | weights fetched | share of all weights | target | within |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in bytes_rows:
         lines.append(
             f"| {row['world_size']} | {row['rank']} | {row['layers'][0]}-{row['layers'][1] - 1} "
-            f"| {row['weight_bytes'] / mb:.1f} | {row['fraction']:.0%} "
-            f"| {row['target_bytes'] / mb:.1f} | {'yes' if row['within_target'] else 'no'} |"
+            f"| {format_bytes(row['weight_bytes'])} | {row['fraction']:.0%} "
+            f"| {format_bytes(row['target_bytes'])} | {'yes' if row['within_target'] else 'no'} |"
         )
-    rate_text = "unlimited (loopback)" if rate is None else f"{rate / mb:.0f} MB/s"
+    rate_text = "unlimited (loopback)" if rate is None else f"{format_bytes(rate)}/s"
     lines += [
         "",
         f"Prewarm wall time, server rate {rate_text} (median of "

@@ -155,11 +155,11 @@ def format_table(
 def summary(reports: Sequence[HostReport], limits: Limits = Limits()) -> dict[str, Any]:
     """Everything `mlxnode health --json` prints: the verdict, the problems, the table."""
     rows = _rows(reports, limits)
-    not_ready = [row["host"] for row in rows if row["ready"] != "yes"]
+    found = problems(reports, limits)
     return {
-        "ready": not problems(reports, limits),
-        "not_ready": not_ready,
-        "problems": problems(reports, limits),
+        "ready": not found,
+        "not_ready": [row["host"] for row in rows if row["ready"] != "yes"],
+        "problems": found,
         "rows": rows,
         "hosts": [dataclasses.asdict(r) for r in reports],
         "lines": formatting.format_table(rows, HEALTH_COLUMNS),
