@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands import cache, config, health, launch, run, serve
-from .errors import MlxnodeError
+from .commands.common import HelpFormatter, examples
+from .errors import MlxnodeError, UsageError
 from .logs import env_rank, redact
 
 logger = logging.getLogger("mlxnode")
@@ -29,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxnode",
         description="Sharded LLM inference with MLX across a cluster of hosts.",
+        epilog=examples(
+            'mlxnode run --model-path ./model "Why is the sky blue?"',
+            'mlxnode launch --hostfile hosts.json -- -m org/name -n 64 "Hi"',
+            "mlxnode cache prewarm org/name --rank 1 --world-size 2 --strategy pipeline",
+            "mlxnode config show",
+        )
+        + "\n`mlxnode COMMAND --help` shows each command's options and examples.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mlxnode {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -39,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command == "launch":
+        # `mlxnode launch --hostfile h --max-tokens 8 "Hi"`: the ranks' flags need `--`.
+        _say(
+            f"mlxnode launch: error: unrecognized arguments: {' '.join(unknown)}; "
+            f"{launch.MISSING_SEPARATOR}"
+        )
+        return UsageError.exit_code
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except MlxnodeError as e:

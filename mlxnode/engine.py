@@ -45,7 +45,7 @@ from .errors import InferenceError, MlxnodeError, UsageError
 from .files import write_atomic
 from .generation import Completion, Generation, encode, generate, make_sampler
 from .loading import Guard, ShardedModel, load_sharded, unguarded
-from .logs import env_rank
+from .logs import CLI_REPORTS, env_rank
 from .metrics import RankStats, RunMetrics, write_metrics
 from .model_files import read_metadata
 from .prompts import Prompt, prompts_from_json, prompts_to_json
@@ -118,10 +118,10 @@ def run(
                 load_timeout=load_timeout,
             )
         except MlxnodeError as e:
-            logger.error("%s", e)
+            logger.error("%s", e, extra=CLI_REPORTS)
             raise
         except Exception as e:
-            logger.error("internal error: %s: %s", type(e).__name__, e)
+            logger.error("internal error: %s: %s", type(e).__name__, e, extra=CLI_REPORTS)
             raise
 
 

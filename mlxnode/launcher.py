@@ -43,7 +43,7 @@ from .errors import (
     UsageError,
 )
 from .files import write_atomic
-from .logs import DATE_FORMAT, LOG_FORMAT, RankFilter
+from .logs import DATE_FORMAT, LOG_FORMAT, AnsiStripper, RankFilter
 from .prompts import Prompt, prompts_to_jsonl
 from .watchdog import STOP_SIGNALS
 
@@ -378,7 +378,7 @@ def _supervise(
         ),
         threading.Thread(
             target=_pump,
-            args=(process.stderr, _sink(sys.stderr, err_tee), on_line, True),
+            args=(process.stderr, _sink(sys.stderr, err_tee, colours=False), on_line, True),
             daemon=True,
         ),
     ]
@@ -416,10 +416,23 @@ def _supervise(
     return state
 
 
-def _sink(stream: Any, tee: BinaryIO | None) -> Callable[[bytes], None]:
+def _sink(stream: Any, tee: BinaryIO | None, *, colours: bool = True) -> Callable[[bytes], None]:
+    """Write to `stream` and `tee` as data comes.
+
+    Without `colours` (mlx.launch's stderr: its `[WARN]` lines are coloured), the
+    terminal control sequences are kept for a terminal only: `tee` and a `stream`
+    that is a file or a pipe get plain text. Stdout (rank 0's answer) is never touched.
+    """
     buffer: BinaryIO | None = getattr(stream, "buffer", None)
+    stripper = None if colours else AnsiStripper()
+    to_terminal = _isatty(stream)
 
     def write(data: bytes) -> None:
+        if stripper is not None:
+            plain = stripper.feed(data)
+            data, tee_data = (data if to_terminal else plain), plain
+        else:
+            tee_data = data
         with contextlib.suppress(OSError, ValueError):
             if buffer is not None:
                 buffer.write(data)
@@ -429,9 +442,16 @@ def _sink(stream: Any, tee: BinaryIO | None) -> Callable[[bytes], None]:
                 stream.flush()
         if tee is not None:
             with contextlib.suppress(OSError, ValueError):
-                tee.write(data)
+                tee.write(tee_data)
 
     return write
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _pump(

@@ -2,7 +2,8 @@
 
 Every line reads ``[YYYY-MM-DD HH:MM:SS] [Rank X/Y] LEVEL logger: message``. The
 rank comes from ``MLX_RANK`` (set by ``mlx.launch``) until the distributed group
-exists, then from the group itself (`set_rank`).
+exists, then from the group itself (`set_rank`). A process that is no rank of a run
+(the launcher, a prewarm) names itself instead: ``[launcher]``, ``[prewarm]``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ import re
 import sys
 from pathlib import Path
 
-LOG_FORMAT = "[%(asctime)s] [Rank %(rank)d/%(world_size)d] %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "[%(asctime)s] [%(label)s] %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# `extra` of an error the CLI also prints as its one `mlxnode: error:` line: a log file
+# keeps the record, the console shows the CLI's line only (see `setup_logging`).
+CLI_REPORTS = {"cli_reports": True}
 
 _rank: int | None = None
 _world_size: int | None = None
+_label: str | None = None
+# Terminal control sequences (colours, cursor moves): CSI and two-byte ESC sequences.
+_ANSI = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+# An escape sequence cut at the end of a chunk: held back until the rest arrives.
+_ANSI_TAIL = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*)?$")
 
 # Hub tokens, bearer headers and token=... assignments; the replacement keeps the kind visible.
 _SECRET_PATTERNS = [
@@ -61,6 +70,12 @@ def set_rank(rank: int, world_size: int) -> None:
     _rank, _world_size = rank, world_size
 
 
+def set_label(label: str | None) -> None:
+    """Name this process in its log lines (``launcher``) instead of a rank; None: the rank."""
+    global _label
+    _label = label
+
+
 def redact(text: str) -> str:
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
@@ -72,6 +87,7 @@ class RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank, record.world_size = current_rank()
+        record.label = _label or f"Rank {record.rank}/{record.world_size}"
         message = record.getMessage()
         clean = redact(message)
         if clean != message:
@@ -93,12 +109,30 @@ def rank_log_path(log_file: str | os.PathLike, rank: int) -> Path:
     return path.with_name(f"{stem}.rank{rank}{suffix}")
 
 
-def setup_logging(level: str = "INFO", log_file: str | os.PathLike | None = None) -> Path | None:
+class _NotReportedByCli(logging.Filter):
+    """Drops the errors the CLI prints as its own line, so the console shows each once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "cli_reports", False)
+
+
+def setup_logging(
+    level: str = "INFO",
+    log_file: str | os.PathLike | None = None,
+    *,
+    label: str | None = None,
+) -> Path | None:
     """Configure the root logger once, for the CLI. Returns this rank's log file, if any.
 
-    Rank 0 logs to stderr; other ranks log to their file only, unless the level
-    is DEBUG, so the terminal shows rank 0's answer cleanly.
+    Rank 0 logs to stderr; other ranks log to their file only, unless the level is
+    DEBUG, so the terminal shows rank 0's answer cleanly (without a file, stderr is
+    every rank's only record, so every rank logs there). With a file, an error the CLI
+    prints as its one line (`CLI_REPORTS`) is written to the file only.
+
+    Args:
+        label: Name this process in its lines instead of a rank (see `set_label`).
     """
+    set_label(label)
     rank, _ = current_rank()
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -112,6 +146,8 @@ def setup_logging(level: str = "INFO", log_file: str | os.PathLike | None = None
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(level)
         console.addFilter(rank_filter)
+        if log_file is not None:
+            console.addFilter(_NotReportedByCli())
         console.setFormatter(formatter)
         root.addHandler(console)
 
@@ -130,3 +166,26 @@ def setup_logging(level: str = "INFO", log_file: str | os.PathLike | None = None
     for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     return path
+
+
+def strip_ansi(data: bytes) -> bytes:
+    """`data` without terminal control sequences: plain text for a file or a pipe."""
+    return _ANSI.sub(b"", data)
+
+
+class AnsiStripper:
+    """Strips control sequences from a stream read in chunks that may cut one in two."""
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk
+        tail = _ANSI_TAIL.search(data)
+        cut = tail.start() if tail else len(data)
+        self._held = data[cut:]
+        return strip_ansi(data[:cut])
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held

@@ -32,7 +32,7 @@ def settings_table() -> str:
 
 def _names(flag: ConfigFlag) -> list[str]:
     """A flag's spellings, with the `--no-` form argparse adds to a "bool" flag."""
-    names = list(flag.flags)
+    names = list(flag.names)
     if flag.kind == "bool":
         names += [f"--no-{name.removeprefix('--')}" for name in flag.flags]
     return names

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 from . import outcome
 from .errors import DistributedSetupError, Stopped
-from .logs import redact
+from .logs import CLI_REPORTS, redact
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _QUIT = b"\0"
 
 def hard_exit(error: DistributedSetupError | Stopped, message: str | None = None) -> None:
     """Log `error` (or `message`), flush every handler and stream, and end the process now."""
-    logger.error("%s", message or error)
+    logger.error("%s", message or error, extra=CLI_REPORTS)
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()

@@ -604,6 +604,39 @@ def test_verify_detects_a_flipped_byte_and_force_repairs_it(manager, cache_dir, 
     assert _cli(hub, cache_dir, "verify", TINY_LLAMA).returncode == 0
 
 
+def test_verify_checks_the_ranks_the_cache_was_prewarmed_for(hub, cache_dir):
+    # Rank 1 of a 2-way pipeline (split 4,4) holds layers 0-3: shards 1, 2 and the last
+    # shard (the head); shard 3 is rank 0's alone. Checking the whole model called this
+    # correct cache broken and said to download everything.
+    rank1 = ["--rank", "1", "--world-size", "2", "--strategy", "pipeline", "--split", "4,4"]
+    prewarmed = _cli(hub, cache_dir, "prewarm", TINY_LLAMA, *rank1, "--json", "--quiet")
+    assert prewarmed.returncode == 0, prewarmed.stderr
+    snapshot = Path(json.loads(prewarmed.stdout)["path"])
+
+    ok = _cli(hub, cache_dir, "verify", TINY_LLAMA)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "MISSING" not in ok.stdout and "for: ranks 1 of 2 (pipeline, split 4,4)" in ok.stdout
+    as_json = json.loads(_cli(hub, cache_dir, "verify", TINY_LLAMA, "--json").stdout)
+    assert as_json["ok"] and as_json["checked_for"] == [
+        {"ranks": [1], "world_size": 2, "strategy": "pipeline", "split": [4, 4],
+         "all_files": False}
+    ]  # fmt: skip
+    whole = _cli(hub, cache_dir, "verify", TINY_LLAMA, "--all")  # flags still decide
+    assert whole.returncode == 3 and re.search(rf"MISSING\s+{SHARDS[2]}", whole.stdout)
+    assert f"`mlxnode cache prewarm {TINY_LLAMA} --all`" in whole.stderr
+
+    (snapshot / SHARDS[1]).unlink()
+    broken = _cli(hub, cache_dir, "verify", TINY_LLAMA)
+    assert broken.returncode == 3 and broken.stderr.count("\n") == 1, broken.stderr
+    fix = (
+        f"mlxnode cache prewarm {TINY_LLAMA} --ranks 1 --world-size 2 --strategy pipeline "
+        "--split 4,4"
+    )
+    assert f"run `{fix}`" in broken.stderr and "--force-download" not in broken.stderr
+    assert _cli(hub, cache_dir, *fix.split()[2:], "--quiet").returncode == 0
+    assert _cli(hub, cache_dir, "verify", TINY_LLAMA).returncode == 0
+
+
 def test_a_truncated_cached_file_is_fetched_again(manager, hub):
     model = manager.ensure_model(TINY_SINGLE)
     target = model.path / "model.safetensors"

@@ -364,6 +364,18 @@ class ModelCacheManager:
                 report.corrupt[name] = problem
         return report
 
+    def prewarm_records(self, repo_id: str, *, revision: str = "main") -> list[PrewarmRecord]:
+        """The rank sets prewarms made the commit `revision` names complete for, oldest first.
+
+        Empty when the model, the revision or its records are not in the cache.
+        """
+        paths = self._paths(repo_id)
+        commit = paths.read_ref(layout.validate_revision(revision))
+        if commit is None or not paths.metadata.is_file():
+            return []
+        entry = layout.read_metadata(paths).commits.get(commit)
+        return list(entry.prewarmed) if entry is not None else []
+
     def list_models(self) -> list[CachedModel]:
         """Every model in the cache, with what each cached commit holds."""
         return [self._describe(paths) for paths in layout.iter_models(self.cache_dir)]

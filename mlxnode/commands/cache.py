@@ -10,36 +10,89 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ..cache import LocalModel, ModelCacheManager, local_model
 from ..cache.layout import ModelPaths, is_commit, read_metadata, validate_repo_id
-from ..config import ResolvedConfig
+from ..config import DEFAULT_REVISION, ResolvedConfig
 from ..errors import CacheError, UsageError
 from ..formatting import format_bytes, format_table
-from .common import add_config_flags, configure
-
-# Generation settings mean nothing to the cache; keep them out of its help.
-CACHE_SECTIONS = ("model", "cache", "logging", "distributed")
+from .common import HelpFormatter, add_config_flags, configure, examples
 
 ACTIONS = {
     "list": "List cached models and which ranks each is complete for.",
     "size": "Print the bytes a model (or the whole cache) uses on disk.",
     "clear": "Delete one cached model (MODEL, --model or model.name), or --all of them.",
     "prewarm": "Download exactly the files given ranks need.",
-    "verify": "Re-hash cached files and report missing or corrupt ones.",
+    "verify": "Re-hash cached files and report missing or corrupt ones; by default for the "
+    "ranks the model was prewarmed for.",
 }
+
+# The settings each action reads, and only those: `--step-timeout` means nothing to
+# `cache size`. `--offline` is on every action: a promise that holds for each (list,
+# size, clear and verify never contact the Hub), so scripts can pass it throughout.
+_LOGGING = ("logging.level", "logging.file")
+_LAYOUT = ("distributed.strategy", "distributed.split", "distributed.weights")
+_HUB = ("cache.force_download", "cache.max_retries", "cache.backoff_base", "cache.lock_timeout")
+ACTION_KEYS: dict[str, tuple[str, ...]] = {
+    "list": ("cache.dir", "cache.offline", *_LOGGING),
+    "size": ("cache.dir", "cache.offline", *_LOGGING),
+    "clear": (
+        "model.name", "model.path", "cache.dir", "cache.offline", "cache.lock_timeout", *_LOGGING
+    ),
+    "prewarm": (
+        "model.name", "model.path", "model.revision", "cache.dir", "cache.offline", *_HUB,
+        *_LOGGING, *_LAYOUT,
+    ),
+    "verify": ("model.name", "model.revision", "cache.dir", "cache.offline", *_LOGGING, *_LAYOUT),
+}  # fmt: skip
+
+ACTION_EXAMPLES = {
+    "list": ("mlxnode cache list", "mlxnode cache list --json --cache-dir /Volumes/models"),
+    "size": ("mlxnode cache size", "mlxnode cache size org/name --json"),
+    "clear": ("mlxnode cache clear org/name", "mlxnode cache clear --all --yes"),
+    "prewarm": (
+        "mlxnode cache prewarm org/name                  # one host runs the whole model",
+        "mlxnode cache prewarm org/name --rank 1 --world-size 3 --strategy pipeline --split 4,2,2",
+        "mlxnode cache prewarm org/name --ranks 0,2 --world-size 4 --strategy pipeline --dry-run",
+        "mlxnode cache prewarm org/name --all --revision v1.0",
+    ),
+    "verify": (
+        "mlxnode cache verify org/name                   # the ranks it was prewarmed for",
+        "mlxnode cache verify org/name --rank 1 --world-size 3 --strategy pipeline "
+        "--split 4,2,2 --json",
+        "mlxnode cache verify org/name --all             # every file of the model",
+    ),
+}
+
+# What a cache action calls itself in its log lines: it is no rank of a run.
+PREWARM_LABEL = "prewarm"
+CACHE_LABEL = "cache"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("cache", help="Inspect, fill and clean the model cache.")
+    parser = subparsers.add_parser(
+        "cache",
+        help="Inspect, fill and clean the model cache.",
+        description="Inspect, fill and clean the model cache (default ~/.cache/mlx_models; "
+        "--cache-dir, cache.dir). `mlxnode cache ACTION --help` shows each action.",
+        epilog=examples(*(lines[0] for lines in ACTION_EXAMPLES.values())),
+        formatter_class=HelpFormatter,
+    )
     verbs = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     for name, text in ACTIONS.items():
-        verb = verbs.add_parser(name, help=text, description=text)
+        verb = verbs.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=examples(*ACTION_EXAMPLES[name]),
+            formatter_class=HelpFormatter,
+        )
         _ADD_ARGUMENTS[name](verb)
-        add_config_flags(verb, sections=CACHE_SECTIONS)
+        add_config_flags(verb, keys=ACTION_KEYS[name])
         verb.set_defaults(handler=main)
 
 
@@ -67,20 +120,21 @@ def _add_clear(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="Delete without asking.")
 
 
-def _add_ranks(parser: argparse.ArgumentParser) -> None:
+def _add_ranks(parser: argparse.ArgumentParser, *, doing: str) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--rank", type=int, metavar="R", help="The one rank this host runs.")
     group.add_argument(
         "--ranks", type=_int_list, metavar="R,R,...", help="The ranks this host runs, e.g. 0,2."
     )
+    # Default None, read as 1: `verify` tells "not given" from "1" (see _verify_specs).
     parser.add_argument(
-        "--world-size", type=int, default=1, metavar="N", help="Number of ranks in total."
+        "--world-size", type=int, metavar="N", help="Number of ranks in total (default: 1)."
     )
     parser.add_argument(
         "--all",
         dest="all_files",
         action="store_true",
-        help="Fetch every file of the repo, not only what the ranks need.",
+        help=f"{doing} every file of the repo, not only what the ranks need.",
     )
 
 
@@ -88,7 +142,7 @@ def _add_prewarm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); default: model.name."
     )
-    _add_ranks(parser)
+    _add_ranks(parser, doing="Fetch")
     parser.add_argument("--quiet", action="store_true", help="Show no download progress.")
     parser.add_argument(
         "--dry-run", action="store_true", help="List the files needed without downloading weights."
@@ -100,7 +154,7 @@ def _add_verify(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "repo", nargs="?", metavar="MODEL", help="Hub repo id (org/name); default: model.name."
     )
-    _add_ranks(parser)
+    _add_ranks(parser, doing="Check")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
 
 
@@ -114,8 +168,8 @@ _ADD_ARGUMENTS = {
 
 
 def main(args: argparse.Namespace) -> int:
-    resolved = configure(args)
     action = args.cache_command
+    resolved = configure(args, label=PREWARM_LABEL if action == "prewarm" else CACHE_LABEL)
     if action == "list":
         return list_models(resolved, as_json=args.json)
     if action == "size":
@@ -270,7 +324,7 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(
         revision=config.model.revision,
         ranks=ranks,
-        world_size=args.world_size,
+        world_size=_world_size(args),
         strategy=config.distributed.strategy,
         split=config.distributed.split,
         weights=config.distributed.weights,
@@ -341,49 +395,122 @@ def _verify(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
     repo = args.repo or config.model.name
     if repo is None:
         raise UsageError("give the MODEL to verify (org/name), or set model.name")
-    ranks = _ranks(args, config.distributed.strategy)
     manager = ModelCacheManager.from_config(config, progress=False)
-    report = manager.verify(
-        repo,
-        revision=config.model.revision,
-        ranks=ranks,
-        world_size=args.world_size,
-        strategy=config.distributed.strategy,
-        split=config.distributed.split,
-        weights=config.distributed.weights,
-        all_files=args.all_files,
-    )
+    revision = config.model.revision
+    specs = _verify_specs(manager, repo, revision, args, config)
+    reports = [(spec, manager.verify(repo, revision=revision, **spec)) for spec in specs]
+    checked = list(dict.fromkeys(n for _, r in reports for n in r.checked))
+    missing = list(dict.fromkeys(n for _, r in reports for n in r.missing))
+    corrupt = {n: p for _, r in reports for n, p in r.corrupt.items()}
+    first = reports[0][1]
     if args.json:
         _print_json(
             {
                 "model": repo,
-                "commit": report.commit,
-                "path": str(report.path),
-                "ok": report.ok,
-                "checked": report.checked,
-                "missing": report.missing,
-                "corrupt": report.corrupt,
+                "commit": first.commit,
+                "path": str(first.path),
+                "ok": not missing and not corrupt,
+                "checked": checked,
+                "missing": missing,
+                "corrupt": corrupt,
+                "checked_for": [_spec_of(spec) for spec in specs],
             }
         )
     else:
-        print(f"{repo} @ {report.commit[:10]} in {report.path}")
-        for name in report.checked:
-            problem = report.corrupt.get(name)
-            print(
-                f"  {'CORRUPT' if problem else 'ok':8} {name}{f'  ({problem})' if problem else ''}"
-            )
-        for name in report.missing:
+        print(f"{repo} @ {first.commit[:10]} in {first.path}")
+        print(f"  for: {'; '.join(_describe_spec(spec) for spec in specs)}")
+        for name in checked:
+            problem = corrupt.get(name)
+            note = f"  ({problem})" if problem else ""
+            print(f"  {'CORRUPT' if problem else 'ok':8} {name}{note}")
+        for name in missing:
             print(f"  {'MISSING':8} {name}")
-    if not report.ok:
-        problems = [*(f"{n} missing" for n in report.missing), *report.corrupt]
+    bad = [(spec, r) for spec, r in reports if not r.ok]
+    if bad:
+        problems = [*(f"{n} missing" for n in missing), *corrupt]
+        fixes = " and ".join(
+            f"`{_prewarm_command(repo, revision, spec, force=bool(r.corrupt))}`" for spec, r in bad
+        )
         raise CacheError(
-            f"{repo} is not usable for ranks {','.join(map(str, ranks))} of {args.world_size}: "
-            f"{len(report.missing)} missing, {len(report.corrupt)} corrupt "
-            f"({', '.join(problems[:5])}{', ...' if len(problems) > 5 else ''}); run `mlxnode "
-            f"cache prewarm {repo} --force-download`",
-            path=str(report.path),
+            f"{repo} is not usable for {'; '.join(_describe_spec(s) for s, _ in bad)}: "
+            f"{len(missing)} missing, {len(corrupt)} corrupt "
+            f"({', '.join(problems[:5])}{', ...' if len(problems) > 5 else ''}); run {fixes}",
+            path=str(first.path),
         )
     return 0
+
+
+def _verify_specs(
+    manager: ModelCacheManager,
+    repo: str,
+    revision: str,
+    args: argparse.Namespace,
+    config: Any,
+) -> list[dict[str, Any]]:
+    """What to verify: the ranks given, else every rank set the model was prewarmed for.
+
+    A host of a 3-way pipeline holds only its rank's files; checking the whole model
+    there would call a correct cache broken. With no prewarm recorded (an older cache),
+    the given or default ranks are checked, as the flags say.
+    """
+    given = (args.rank, args.ranks, args.world_size)
+    if all(v is None for v in given) and not args.all_files:
+        records = manager.prewarm_records(repo, revision=revision)
+        if any(r.all_files for r in records):
+            records = [next(r for r in records if r.all_files)]  # covers every other record
+        if records:
+            return [
+                {
+                    "ranks": r.ranks,
+                    "world_size": r.world_size,
+                    "strategy": r.strategy,
+                    "split": r.split,
+                    "weights": None,
+                    "all_files": r.all_files,
+                }
+                for r in records
+            ]
+    return [
+        {
+            "ranks": _ranks(args, config.distributed.strategy),
+            "world_size": _world_size(args),
+            "strategy": config.distributed.strategy,
+            "split": config.distributed.split,
+            "weights": config.distributed.weights,
+            "all_files": args.all_files,
+        }
+    ]
+
+
+def _spec_of(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: spec[k] for k in ("ranks", "world_size", "strategy", "split", "all_files")}
+
+
+def _describe_spec(spec: dict[str, Any]) -> str:
+    if spec["all_files"]:
+        return "every file"
+    split = f", split {','.join(map(str, spec['split']))}" if spec["split"] else ""
+    return (
+        f"ranks {','.join(map(str, spec['ranks']))} of {spec['world_size']} "
+        f"({spec['strategy']}{split})"
+    )
+
+
+def _prewarm_command(repo: str, revision: str, spec: dict[str, Any], *, force: bool) -> str:
+    """The `mlxnode cache prewarm` that fetches what `spec` needs again."""
+    words = ["mlxnode", "cache", "prewarm", repo]
+    if revision != DEFAULT_REVISION:
+        words += ["--revision", revision]
+    if spec["all_files"]:
+        words.append("--all")
+    elif spec["world_size"] > 1 or spec["ranks"] != [0]:
+        words += ["--ranks", ",".join(map(str, spec["ranks"])), "--world-size"]
+        words += [str(spec["world_size"]), "--strategy", spec["strategy"]]
+        if spec["split"]:
+            words += ["--split", ",".join(map(str, spec["split"]))]
+    if force:
+        words.append("--force-download")
+    return shlex.join(words)
 
 
 # -- helpers
@@ -393,14 +520,18 @@ def _from_cli(resolved: ResolvedConfig, key: str) -> bool:
     return resolved.sources.get(key, "").startswith("cli:")
 
 
+def _world_size(args: argparse.Namespace) -> int:
+    return 1 if args.world_size is None else args.world_size
+
+
 def _ranks(args: argparse.Namespace, strategy: str) -> list[int]:
     if args.rank is not None:
         return [args.rank]
     if args.ranks is not None:
         return args.ranks
-    if args.world_size > 1 and strategy == "pipeline" and not args.all_files:
+    if _world_size(args) > 1 and strategy == "pipeline" and not args.all_files:
         raise UsageError(
-            f"a {args.world_size}-way pipeline needs --rank R or --ranks R,R to know which "
+            f"a {_world_size(args)}-way pipeline needs --rank R or --ranks R,R to know which "
             "layers this host holds (or --all for every file)"
         )
     return [0]
@@ -421,7 +552,7 @@ def _spec_json(
 ) -> dict[str, Any]:
     return {
         "ranks": list(ranks),
-        "world_size": args.world_size,
+        "world_size": _world_size(args),
         "strategy": config.distributed.strategy,
         "split": list(split) if split is not None else config.distributed.split,
         "all_files": args.all_files,

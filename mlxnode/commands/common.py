@@ -1,28 +1,46 @@
-"""Flags shared by several verbs, bound to configuration keys.
+"""Flags shared by several verbs, bound to configuration keys, and how help reads.
 
 `CONFIG_FLAGS` is the one table from a flag to the setting it overrides; the
-README's flag reference and `mlxnode config show` both follow it.
+README's flag reference and `mlxnode config show` both follow it. Each verb offers
+only the settings it reads (`add_config_flags` with `sections` or `keys`), and the
+defaults its help shows come from the config dataclasses, never from a second copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from .. import config as cfg
-from ..config import ResolvedConfig, load_config
+from ..config import ResolvedConfig, iter_fields, load_config
 from ..logs import setup_logging
+
+PRECEDENCE = (
+    "Settings resolve as: flag > MLXNODE_<SECTION>_<KEY> environment variable > config file "
+    "> default;\n`mlxnode config show` prints each value and where it came from."
+)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of a verb's description and examples (its epilog)."""
 
 
 @dataclass(frozen=True)
 class ConfigFlag:
     key: str
-    flags: tuple[str, ...]
+    flags: tuple[str, ...]  # long spellings; the first names the flag in messages
     help: str
     # "value"; "true" (store True); "false" (store False); "bool" (--flag / --no-flag)
     kind: str = "value"
     metavar: str | None = None
+    short: str | None = None  # only for the few settings typed on every run
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every spelling argparse accepts, the short one first (as help lists them)."""
+        return ((self.short,) if self.short else ()) + self.flags
 
 
 CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
@@ -31,6 +49,7 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
         ("--model", "--model-name"),
         "Hub repo id of the model (org/name).",
         metavar="REPO",
+        short="-m",
     ),
     ConfigFlag(
         "model.path", ("--model-path",), "Local model directory, used in place.", metavar="DIR"
@@ -38,12 +57,19 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
     ConfigFlag(
         "model.revision", ("--revision",), "Hub branch, tag or commit of the model.", metavar="REV"
     ),
-    ConfigFlag("generation.max_tokens", ("--max-tokens",), "Most tokens to generate.", metavar="N"),
+    ConfigFlag(
+        "generation.max_tokens",
+        ("--max-tokens",),
+        "Most tokens to generate.",
+        metavar="N",
+        short="-n",
+    ),
     ConfigFlag(
         "generation.temperature",
         ("--temperature",),
         "Sampling temperature; 0 is greedy.",
         metavar="T",
+        short="-t",
     ),
     ConfigFlag("generation.top_p", ("--top-p",), "Nucleus sampling probability mass.", metavar="P"),
     ConfigFlag("generation.seed", ("--seed",), "Random seed, the same on every rank.", metavar="N"),
@@ -167,8 +193,10 @@ def add_config_flags(
     keys: tuple[str, ...] | None = None,
 ) -> None:
     """Add `--config`, `--no-config` and the setting flags (all, `sections`, or `keys`)."""
+    defaults = _defaults()
     files = parser.add_mutually_exclusive_group()
     files.add_argument(
+        "-c",
         "--config",
         metavar="PATH",
         help=f"YAML config file (default: first of {', '.join(cfg.CONFIG_FILENAMES)} here).",
@@ -186,14 +214,15 @@ def add_config_flags(
             continue
         dest = _dest(flag.key)
         if flag.kind == "value":
-            group.add_argument(*flag.flags, dest=dest, metavar=flag.metavar, help=flag.help)
+            text = _with_default(flag.help, defaults[flag.key])
+            group.add_argument(*flag.names, dest=dest, metavar=flag.metavar, help=text)
         elif flag.kind == "bool":
             group.add_argument(
-                *flag.flags, dest=dest, action=argparse.BooleanOptionalAction, help=flag.help
+                *flag.names, dest=dest, action=argparse.BooleanOptionalAction, help=flag.help
             )
         else:
             group.add_argument(
-                *flag.flags,
+                *flag.names,
                 dest=dest,
                 action="store_const",
                 const=flag.kind == "true",
@@ -215,13 +244,34 @@ def resolve_config(args: argparse.Namespace) -> ResolvedConfig:
     )
 
 
-def configure(args: argparse.Namespace) -> ResolvedConfig:
-    """Resolve the configuration, then set up logging from it."""
+def configure(args: argparse.Namespace, *, label: str | None = None) -> ResolvedConfig:
+    """Resolve the configuration, then set up logging from it.
+
+    Args:
+        label: What this process's log lines say instead of ``Rank X/Y`` (``launcher``):
+            only a rank of a run has a rank.
+    """
     resolved = resolve_config(args)
     # The CLI boundary reads args.log_level to decide on tracebacks; keep it resolved.
     args.log_level = resolved.config.logging.level
-    setup_logging(resolved.config.logging.level, resolved.config.logging.file)
+    setup_logging(resolved.config.logging.level, resolved.config.logging.file, label=label)
     return resolved
+
+
+def examples(*lines: str) -> str:
+    """An epilog: the example command lines, then how settings resolve."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines) + "\n\n" + PRECEDENCE
+
+
+def _defaults() -> dict[str, Any]:
+    return {key: f.default for key, f, _type in iter_fields()}
+
+
+def _with_default(text: str, default: Any) -> str:
+    """`text` ending in "(default: 256)."; as is for a setting unset by default."""
+    if default is None or default is dataclasses.MISSING:
+        return text
+    return f"{text.removesuffix('.')} (default: {default})."
 
 
 def _dest(key: str) -> str:

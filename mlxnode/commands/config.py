@@ -7,13 +7,32 @@ import json
 
 from ..config import is_secret, iter_fields
 from ..formatting import format_table
-from .common import add_config_flags, resolve_config
+from .common import HelpFormatter, add_config_flags, examples, resolve_config
+
+SHOW_TEXT = "Print every setting, its value and where it came from."
+SHOW_EXAMPLES = examples(
+    "mlxnode config show",
+    "mlxnode config show -c cluster.yaml --json",
+    "MLXNODE_GENERATION_MAX_TOKENS=64 mlxnode config show -t 0.7",
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("config", help="Inspect the resolved configuration.")
+    parser = subparsers.add_parser(
+        "config",
+        help="Inspect the resolved configuration.",
+        description="Inspect the resolved configuration.",
+        epilog=SHOW_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     verbs = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = verbs.add_parser("show", help="Print every setting, its value and where it came from.")
+    show = verbs.add_parser(
+        "show",
+        help=SHOW_TEXT,
+        description=SHOW_TEXT + " Every flag below is accepted, to see what it would change.",
+        epilog=SHOW_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     show.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     add_config_flags(show)
     show.set_defaults(handler=main)

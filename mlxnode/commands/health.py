@@ -20,16 +20,20 @@ from typing import Any
 
 from .. import preflight, readiness
 from ..errors import UsageError
-from .common import configure
+from .common import HelpFormatter, configure, examples
 from .launch import add_host_flags
 
-EPILOG = """examples:
-  mlxnode health --hostfile ~/.mlxnode/hosts.json     # every host, over SSH
-  mlxnode health --local --json                       # this host's versions
-  mlxnode health --reports findings.json --json       # what health.yml gathered
-
-exit codes: 0 every host is ready; 6 a host is not (the table says why);
-2 a bad flag, hostfile or reports file."""
+EPILOG = (
+    examples(
+        "mlxnode health --hostfile ~/.mlxnode/hosts.json     # every host, over SSH",
+        "mlxnode health --local --json                       # this host's versions",
+        "mlxnode health --reports findings.json --json       # what health.yml gathered",
+    )
+    + "\n\nexit codes: 0 every host is ready; 6 a host is not (the table says why);\n"
+    "2 a bad flag, hostfile or reports file."
+)
+# What this command calls itself in its log lines: it is no rank of a run.
+HEALTH_LABEL = "health"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "checks first), this host (--local), or judge what playbooks/health.yml gathered "
         "(--reports); one rule for all three.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_host_flags(parser, ("logging.level",), hostfile_required=False)
     parser.add_argument("--local", action="store_true", help="Probe this host only.")
@@ -70,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    configure(args)
+    configure(args, label=HEALTH_LABEL)
     limits = readiness.Limits(memory_factor=args.memory_factor, disk_margin=args.disk_margin)
     modes = [m for m in ("hostfile", "local", "reports") if getattr(args, m)]
     if len(modes) != 1:

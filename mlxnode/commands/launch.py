@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,10 +24,45 @@ from ..logs import redact
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
 from ..watchdog import STOP_SIGNALS
 from . import run as run_command
-from .common import add_config_flags, configure
+from .common import HelpFormatter, add_config_flags, configure, examples
 
 # Settings the launcher itself uses; the ranks get theirs from the arguments after --.
 _LAUNCH_KEYS = ("logging.level", "distributed.backend")
+# What the launcher calls itself in its log lines.
+LAUNCHER_LABEL = "launcher"
+# The one line a launch without `--` before the ranks' arguments gets.
+MISSING_SEPARATOR = (
+    "put `--` before the `mlxnode run` arguments: mlxnode launch --hostfile FILE "
+    "[launch options] -- [run options] PROMPT"
+)
+
+HOSTFILE_FORMAT = """\
+The hostfile is mlx.launch's JSON: one host per rank, in rank order; rank 0 is this host.
+  [{"ssh": "mac1.local", "ips": ["10.0.0.1"]},
+   {"ssh": "mac2.local", "ips": ["10.0.0.2"], "name": "studio"}]
+"ssh" is how to reach the host, "ips" its addresses for the ring backend (one port each,
+counted up from --starting-port over the hosts in order), "name" (optional) names it in
+messages. playbooks/site.yml writes this file on every host.
+"""
+
+LAUNCH_DESCRIPTION = f"""\
+Start `mlxnode run` on every host of the hostfile with mlx.launch: take the cluster lock,
+pre-flight every host, run, stop the run at --timeout, name the rank and host that failed.
+Everything after `--` is passed to `mlxnode run` on every rank; a prompt given as words
+(last) or '-' (stdin) reaches rank 0 as a private file instead of a command line.
+`-- serve ARGS` starts `mlxnode serve ARGS` on every rank instead, with no timeout unless
+--timeout is given; it runs until the launch is stopped.
+
+{HOSTFILE_FORMAT}"""
+
+LAUNCH_EXAMPLES = examples(
+    'mlxnode launch --hostfile hosts.json -- -m org/name -n 64 "Why is the sky blue?"',
+    "mlxnode launch --hostfile hosts.json --timeout 600 -- -c config.yaml -f prompts.jsonl "
+    "-o results.jsonl",
+    "mlxnode launch --hostfile hosts.json --starting-port 40000 --log-dir runs/one -- -m "
+    'org/name "Hi"',
+    "mlxnode launch --hostfile hosts.json -- serve -m org/name --port 8080",
+)
 
 
 def add_host_flags(
@@ -34,7 +70,10 @@ def add_host_flags(
 ) -> None:
     """The hostfile and how to reach its hosts; `mlxnode health` takes them too."""
     parser.add_argument(
-        "--hostfile", required=hostfile_required, metavar="PATH", help="mlx.launch hostfile (JSON)."
+        "--hostfile",
+        required=hostfile_required,
+        metavar="PATH",
+        help="mlx.launch hostfile (JSON, one host per rank; its format: `mlxnode launch --help`).",
     )
     parser.add_argument(
         "--python",
@@ -46,14 +85,15 @@ def add_host_flags(
         type=int,
         default=preflight.DEFAULT_STARTING_PORT,
         metavar="PORT",
-        help="First ring port; rank r listens on PORT + r.",
+        help="First ring port; rank r listens on PORT + r (default: %(default)s).",
     )
     parser.add_argument(
         "--connect-timeout",
         type=float,
         default=preflight.DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
-        help="Seconds to wait for each host's SSH before calling it unreachable.",
+        help="Seconds to wait for each host's SSH before calling it unreachable "
+        "(default: %(default)g).",
     )
     add_config_flags(parser, keys=keys)
 
@@ -63,13 +103,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "launch",
         help="Start `mlxnode run` (or `serve`) on every host with mlx.launch (lock, "
         "pre-flight, timeout).",
-        description="Arguments after -- are passed to `mlxnode run` on every rank; a prompt "
-        "given as words (last) or '-' (stdin) reaches rank 0 as a private file instead. "
-        "`-- serve ARGS` starts `mlxnode serve ARGS` on every rank instead, with no timeout "
-        "unless --timeout is given; it runs until the launch is stopped.",
+        description=LAUNCH_DESCRIPTION,
+        epilog=LAUNCH_EXAMPLES,
+        formatter_class=HelpFormatter,
+        usage="%(prog)s --hostfile PATH [launch options] -- [serve] [mlxnode run arguments] "
+        "[PROMPT ...]",
     )
     add_host_flags(run, _LAUNCH_KEYS)
-    run.add_argument("--run-id", help="Name of this run (default: time and pid).")
+    run.add_argument("--run-id", metavar="ID", help="Name of this run (default: UTC time and pid).")
     run.add_argument(
         "--timeout",
         type=float,
@@ -82,7 +123,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--lock-file",
         default=launcher.DEFAULT_LOCK_FILE,
         metavar="PATH",
-        help="Cluster lock; a second launch while it is held fails with exit code 8.",
+        help="Cluster lock; a second launch while it is held fails with exit code 8 "
+        "(default: %(default)s).",
     )
     run.add_argument(
         "--no-preflight", action="store_true", help="Skip the pre-flight check of every host."
@@ -104,13 +146,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "run_args",
         nargs=argparse.REMAINDER,
-        help="-- then `mlxnode run` arguments, or `serve` and `mlxnode serve` arguments.",
+        metavar="-- RUN_ARGS",
+        help="`--`, then `mlxnode run` arguments (see `mlxnode run --help`), the prompt last; "
+        "or `-- serve` and `mlxnode serve` arguments.",
     )
     run.set_defaults(handler=launch_main)
 
 
 def launch_main(args: argparse.Namespace) -> int:
-    resolved = configure(args)
+    resolved = configure(args, label=LAUNCHER_LABEL)
     run_id = launcher.check_run_id(args.run_id or launcher.new_run_id())
     verb, run_args = split_verb(args.run_args)
     prompts = None
@@ -184,12 +228,13 @@ def split_prompts(run_args: Sequence[str]) -> tuple[list[str], list[Prompt] | No
         UsageError: the words are not last, or come with --prompts-file.
     """
     args = list(run_args[1:] if run_args[:1] == ["--"] else run_args)
-    parser = argparse.ArgumentParser(prog="mlxnode launch -- (mlxnode run arguments)")
-    run_command.add_arguments(parser)
-    words: list[str] = parser.parse_args(args).prompt
+    parsed = _RunArgumentParser(prog="mlxnode launch -- (mlxnode run arguments)")
+    run_command.add_arguments(parsed)
+    namespace = parsed.parse_args(args)
+    words: list[str] = namespace.prompt
     if not words:
         return args, None
-    if "--prompts-file" in args or any(a.startswith("--prompts-file=") for a in args):
+    if namespace.prompts_file is not None:
         raise UsageError("give the prompt as text or --prompts-file, not both")
     if args[-len(words) :] != words:
         raise UsageError(
@@ -200,6 +245,16 @@ def split_prompts(run_args: Sequence[str]) -> tuple[list[str], list[Prompt] | No
     if rest[-1:] == ["--"]:
         rest = rest[:-1]
     return rest, read_prompts_file(STDIN) if words == [STDIN] else prompts_from_args(words)
+
+
+class _RunArgumentParser(argparse.ArgumentParser):
+    """Parses the ranks' arguments here, so a bad one is one line, before any host is touched."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(
+            f"after `--` (the `mlxnode run` arguments): {message}; `mlxnode launch` options "
+            "go before `--`"
+        )
 
 
 @contextlib.contextmanager

@@ -16,14 +16,35 @@ from ..config import ResolvedConfig
 from ..errors import MlxnodeError, UsageError
 from ..logs import current_rank
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
-from .common import RUN_SECTIONS, add_config_flags, configure
+from .common import RUN_SECTIONS, HelpFormatter, add_config_flags, configure, examples
+
+DESCRIPTION = """\
+Generate with a model: one process, or one rank of several under `mlx.launch` (or
+`mlxnode launch`), where every rank loads only its share of the model. One prompt
+streams its answer to stdout; a batch (--prompts-file) writes JSONL records."""
+
+EXAMPLES = examples(
+    'mlxnode run --model-path ./model "Why is the sky blue?"',
+    'mlxnode run -m mlx-community/SmolLM2-135M-Instruct-4bit -n 64 -t 0.7 "Tell me a joke"',
+    "mlxnode run -m org/name -f prompts.jsonl -o results.jsonl --metrics-json metrics.json",
+    'echo "Hi" | mlxnode run -m org/name -',
+    'mlx.launch --backend ring -n 2 python -m mlxnode run -m org/name --strategy pipeline "Hi"',
+)
+
+# Deprecated spellings of `mlxnode cache list` / `cache clear`, kept for one release.
+_DEPRECATED = {
+    "list_cached": ("--list-cached", "mlxnode cache list"),
+    "clear_cache": ("--clear-cache", "mlxnode cache clear MODEL --yes"),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
         help="Run (distributed) inference on one or more prompts.",
-        description="Run inference; under mlx.launch every rank loads only its shard.",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(handler=main)
@@ -33,12 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every argument of `mlxnode run` (`mlxnode launch` parses the ranks' arguments too)."""
     parser.add_argument("prompt", nargs="*", help="Prompt text; '-' reads prompts from stdin.")
     parser.add_argument(
+        "-f",
         "--prompts-file",
         metavar="FILE",
         help='Prompts to run as one batch: one per line, or JSONL {"id": ..., "prompt": ...} '
         "('-': stdin). A malformed line refuses the whole file.",
     )
     parser.add_argument(
+        "-o",
         "--output",
         metavar="FILE",
         help="Write results as JSONL (id, prompt, completion, token counts, token_ids, "
@@ -59,16 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Write this rank's status record there when it ends, and on rank 0 the record "
         "of every rank that completed (set by launch, which judges the run by them).",
     )
-    parser.add_argument("--list-cached", action="store_true", help="List cached models and exit.")
-    parser.add_argument(
-        "--clear-cache",
-        action="store_true",
-        help="Delete the model (--model or model.name) from the cache and exit.",
-    )
-    parser.add_argument(
-        "--yes", action="store_true", help="With --clear-cache: delete without asking."
-    )
     add_config_flags(parser, sections=RUN_SECTIONS)
+    old = parser.add_argument_group("deprecated (removed in the next release)")
+    old.add_argument("--list-cached", action="store_true", help="Use `mlxnode cache list` instead.")
+    old.add_argument(
+        "--clear-cache", action="store_true", help="Use `mlxnode cache clear MODEL` instead."
+    )
+    old.add_argument("--yes", action="store_true", help="With --clear-cache: do not ask.")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,6 +147,12 @@ def _prompt_reader(args: argparse.Namespace):
 def _cache_action(args: argparse.Namespace, resolved: ResolvedConfig) -> int:
     from .cache import clear_models, list_models
 
+    flag, instead = _DEPRECATED["list_cached" if args.list_cached else "clear_cache"]
+    print(
+        f"mlxnode: warning: `mlxnode run {flag}` is deprecated and goes in the next release; "
+        f"use `{instead}`",
+        file=sys.stderr,
+    )
     if args.list_cached:
         return list_models(resolved)
     return clear_models(resolved, resolved.config.model.name, yes=args.yes)

@@ -11,7 +11,7 @@ import argparse
 
 from .. import outcome
 from ..errors import MlxnodeError
-from .common import add_config_flags, configure
+from .common import HelpFormatter, add_config_flags, configure, examples
 
 DESCRIPTION = """\
 Keep the model loaded over every rank mlx.launch started and serve it on rank 0:
@@ -22,13 +22,21 @@ The API key (serve.api_key, MLXNODE_SERVE_API_KEY) is read from the config file 
 environment only, never from a flag, so it stays out of process listings.
 """
 
+EXAMPLES = examples(
+    "mlxnode serve --model-path ./model --port 8080",
+    "mlxnode launch --hostfile hosts.json -- serve -m org/name --port 8080",
+    'curl -s localhost:8080/v1/chat/completions -d \'{"messages": [{"role": "user", '
+    '"content": "Hi"}]}\'',
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="Serve the model over HTTP (OpenAI-compatible) with every rank taking part.",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--run-id", metavar="ID", help="Name of this server's run in the logs (set by launch)."
