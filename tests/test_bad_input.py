@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlxnode.commands.cache import ACTION_KEYS
 from mlxnode.commands.common import CONFIG_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,11 +183,17 @@ CACHE_ARGS = {
 }
 
 
+_OFFERED = {
+    verb: {f.flags[0] for f in CONFIG_FLAGS if f.key in keys} for verb, keys in ACTION_KEYS.items()
+}
+
+
 @pytest.mark.parametrize("verb", sorted(CACHE_ARGS))
 @settings(FUZZ, max_examples=15)
 @given(data=st.data())
 def test_cache_flags(sandbox, verb, data):
-    names = _flags("model", "cache", "logging", "distributed")
+    # Only the settings the action offers: any other flag is refused by argparse at once.
+    names = [n for n in _flags("model", "cache", "logging", "distributed") if n in _OFFERED[verb]]
     if verb in ("prewarm", "verify"):
         names += ["--rank", "--ranks", "--world-size"]
     argv = data.draw(_argv(names, CACHE_ARGS[verb]))

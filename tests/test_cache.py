@@ -633,7 +633,9 @@ def test_verify_checks_the_ranks_the_cache_was_prewarmed_for(hub, cache_dir):
         "--split 4,4"
     )
     assert f"run `{fix}`" in broken.stderr and "--force-download" not in broken.stderr
-    assert _cli(hub, cache_dir, *fix.split()[2:], "--quiet").returncode == 0
+    fixed = _cli(hub, cache_dir, *fix.split()[2:])
+    assert fixed.returncode == 0, fixed.stderr
+    assert "] [prewarm] INFO mlxnode.cache" in fixed.stderr  # no rank of a run: no [Rank 0/1]
     assert _cli(hub, cache_dir, "verify", TINY_LLAMA).returncode == 0
 
 

@@ -308,6 +308,38 @@ def test_supervise_stops_mlx_launch_when_it_hangs_after_a_failure(capfd):
     assert result.failed == {1: 6} and not result.timed_out  # rank 0's "line" is only text
     out, err = capfd.readouterr()
     assert out.startswith("partial answer") and "Node with rank 1" in err
+    assert "\x1b" not in err  # mlx.launch's colours: stderr here is no terminal
+
+
+def test_mlx_launch_colours_reach_a_terminal_only(tmp_path):
+    import pty
+
+    from mlxnode.launcher import _sink
+
+    coloured = b"\x1b[33m[WARN] Node with rank 1 exited with code 6 \x1b[0m\n"
+    controller, terminal = pty.openpty()
+    try:
+        with (
+            open(terminal, "w", closefd=False) as tty,
+            open(tmp_path / "launcher.stderr.log", "wb") as tee,
+        ):
+            write = _sink(tty, tee, colours=False)
+            for start, end in ((0, 5), (5, 20), (20, None)):  # sequences cut between reads
+                write(coloured[start:end])
+        shown = b""
+        while not shown.endswith(b"\n"):  # the terminal hands it over in pieces
+            shown += os.read(controller, 4096)
+        shown = shown.replace(b"\r\n", b"\n")
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert shown == coloured  # a terminal keeps them
+    plain = (tmp_path / "launcher.stderr.log").read_bytes()
+    assert plain == b"[WARN] Node with rank 1 exited with code 6 \n"
+    piped = tmp_path / "piped.log"
+    with open(piped, "w") as stream:
+        _sink(stream, None, colours=False)(coloured)
+    assert piped.read_bytes() == plain
 
 
 def test_supervise_enforces_the_timeout():
@@ -425,6 +457,9 @@ def test_a_rank_that_refuses_its_model_is_named_with_its_own_exit_code(local_clu
     done = subprocess.run(argv + ["--max-tokens", "2", "Hi"], capture_output=True, text=True,
                           timeout=180, env=_env(tmp_path), stdin=subprocess.DEVNULL)  # fmt: skip
     assert done.returncode == 5, done.stderr[-3000:]
+    logged = (tmp_path / "run" / "launcher.stderr.log").read_text()
+    for text in (done.stderr, logged):  # plain text, the launcher's lines labelled as such
+        assert "\x1b" not in text and "[launcher] INFO mlxnode.launcher: pre-flight passed" in text
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mlxnode: error: run refuse: rank 1 on 127.0.0.1 exited with code 5:")
     assert only_rank1 in last and "Traceback" not in done.stderr
@@ -511,6 +546,7 @@ def test_launch_takes_its_backend_and_log_level_from_the_configuration(local_clu
     )  # fmt: skip
     launched = next(line for line in done.stderr.splitlines() if "running " in line)
     assert "--backend mpi" in launched
+    assert "] [launcher] DEBUG mlxnode.launcher: running " in launched
     bad = _launch(local_cluster, tmp_path, run_args=("Hi",), MLXNODE_DISTRIBUTED_BACKEND="rong")
     assert bad.returncode == 2
     assert bad.stderr.startswith("mlxnode: error: env:MLXNODE_DISTRIBUTED_BACKEND")

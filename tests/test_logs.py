@@ -136,3 +136,39 @@ def test_redact_patterns(secret_line):
     assert "***" in cleaned
     for secret in ("abc.def.ghi", "xyz", "1234567890abcdef", "secretvalue"):
         assert secret not in cleaned
+
+
+def test_a_process_that_is_no_rank_names_itself(tmp_path):
+    snippet = (
+        "import logging, sys\n"
+        "from mlxnode.logs import setup_logging\n"
+        "setup_logging('INFO', sys.argv[1], label='launcher')\n"
+        "logging.getLogger('mlxnode.launcher').info('pre-flight passed')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "MLXNODE_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", snippet, str(tmp_path / "launch.log")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    line = re.compile(r"^\[[\d: -]+\] \[launcher\] INFO mlxnode.launcher: pre-flight passed$")
+    for text in (result.stderr, (tmp_path / "launch.rank0.log").read_text()):
+        assert line.match(text.strip()), text
+
+
+def test_with_a_log_file_a_failed_runs_error_is_one_console_line(tmp_path):
+    # The engine logs its error for the file; the CLI prints it as its one line.
+    missing = tmp_path / "no-model"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "MLXNODE_"))}
+    for log_file, console_lines in ((tmp_path / "logs" / "run.log", 1), (None, 2)):
+        extra = ["--log-file", str(log_file)] if log_file else []
+        result = subprocess.run(
+            [sys.executable, "-m", "mlxnode", "run", "--model-path", str(missing), *extra, "Hi"],
+            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 5, result.stderr
+        lines = [line for line in result.stderr.splitlines() if str(missing) in line]
+        assert len(lines) == console_lines, result.stderr  # without a file stderr is the log
+        assert lines[-1] == result.stderr.splitlines()[-1]
+        assert lines[-1].startswith(f"mlxnode: error: {missing} is not a model directory")
+    written = (tmp_path / "logs" / "run.rank0.log").read_text()
+    assert f"ERROR mlxnode.engine: {missing} is not a model directory" in written
