@@ -89,11 +89,14 @@ def test_a_prompt_from_an_extra_vars_file_is_data_too(local_cluster, tmp_path):
     canary = tmp_path / "evaluated"
     prompt = f"it's {{{{ lookup('pipe', 'touch {canary}') }}}} " * 20
     path = tmp_path / "vars.json"
-    path.write_text(json.dumps({"prompt": prompt, "run_id": "file-prompt"}))
-    play = _play(local_cluster, tmp_path, "-e", f"@{path}")
+    path.write_text(json.dumps({"prompt": prompt, "run_id": "file-prompt", "seed": 7}))
+    # Generation settings as plain variables beside it (config.yaml says max_tokens 2).
+    play = _play(local_cluster, tmp_path, "-e", f"@{path}", "-e", "max_tokens=3")
     assert play.returncode == 0, (play.stdout + play.stderr)[-6000:]
-    assert _result(tmp_path, "file-prompt")["prompt"] == prompt
+    record = _result(tmp_path, "file-prompt")
+    assert record["prompt"] == prompt
     assert not canary.exists()
+    assert record["generation_tokens"] == 3 or record["finish_reason"] == "stop", record
 
 
 def test_an_empty_prompt_is_one_clear_error(local_cluster, tmp_path):
@@ -104,8 +107,12 @@ def test_an_empty_prompt_is_one_clear_error(local_cluster, tmp_path):
 
 def test_run_yml_and_a_manual_launch_share_one_cluster_lock(local_cluster, tmp_path):
     lock = Path(DEFAULT_LOCK_FILE.replace("~", str(tmp_path / "home")))
+    canary = tmp_path / "evaluated"
+    # A setting is data like the prompt: the launch's command line is built with it here.
+    extra = {"prompt": "Hi", "temperature": f"{{{{ lookup('pipe', 'touch {canary}') }}}}"}
     with cluster_lock(lock, "manual"):  # a manual `mlxnode launch` with its default lock
-        play = _play(local_cluster, tmp_path, "-e", json.dumps({"prompt": "Hi"}))
+        play = _play(local_cluster, tmp_path, "-e", json.dumps(extra))
     output = " ".join((play.stdout + play.stderr).split())
     assert play.returncode != 0
     assert "(exit 8): cluster busy: run manual started" in output, output[-3000:]
+    assert not canary.exists()

@@ -11,6 +11,14 @@ A template that names such a variable evaluates it even in a branch it never tak
 (Jinja resolves every name up front), so the role names these variables only here.
 
     query('mlxnode_run_raw', 'mlxnode_run_prompt', 'prompt')[0]  ->  '{{ 7*7 }}'
+
+With ``flags``, a list of ``[role variable, -e name, flag]``, it returns one argv list
+instead: ``--flag=VALUE`` for each setting given (``-e max_tokens=64`` ->
+``--max-tokens=64``), in the list's order, skipping those left empty. One argument
+each, so a value starting with ``-`` stays a value.
+
+    query('mlxnode_run_raw', flags=[['mlxnode_run_seed', 'seed', '--seed']])[0]
+        ->  ['--seed=7']
 """
 
 from __future__ import annotations
@@ -28,16 +36,30 @@ description:
 options:
   _terms:
     description: Variable names, highest priority first.
-    required: true
+    required: false
+  flags:
+    description: "[role variable, -e name, flag] triples; return them as one argv list."
+    type: list
+    required: false
 """
 
 
 class LookupModule(LookupBase):
-    def run(self, terms, variables=None, **kwargs):
+    def run(self, terms, variables=None, flags=None, **kwargs):
         given = load_extra_vars(self._loader)
-        for name in terms:
+        if flags is None:
+            return [self._value(given, terms, variables)]
+        argv = []
+        for role_var, name, flag in flags:
+            value = self._value(given, [role_var, name], variables)
+            if value is not None and str(value) != "":
+                argv.append(wrap_var(f"{flag}={value}"))
+        return [argv]
+
+    def _value(self, given, names, variables):
+        for name in names:
             if name in given:
-                return [wrap_var(given[name])]
+                return wrap_var(given[name])
         # Not from -e: the inventory's or the role default's value, which may use templates.
-        value = (variables or {}).get(terms[0]) if terms else None
-        return [self._templar.template(value) if value is not None else None]
+        value = (variables or {}).get(names[0]) if names else None
+        return self._templar.template(value) if value is not None else None
