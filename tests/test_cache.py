@@ -633,6 +633,8 @@ def test_verify_checks_the_ranks_the_cache_was_prewarmed_for(hub, cache_dir):
         "--split 4,4"
     )
     assert f"run `{fix}`" in broken.stderr and "--force-download" not in broken.stderr
+    by_flag = _cli(hub, cache_dir, "verify", TINY_LLAMA, "--cache-dir", str(cache_dir))
+    assert f"prewarm {TINY_LLAMA} --cache-dir {cache_dir} --ranks 1" in by_flag.stderr
     fixed = _cli(hub, cache_dir, *fix.split()[2:])
     assert fixed.returncode == 0, fixed.stderr
     assert "] [prewarm] INFO mlxnode.cache" in fixed.stderr  # no rank of a run: no [Rank 0/1]

@@ -398,46 +398,47 @@ def _verify(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
     manager = ModelCacheManager.from_config(config, progress=False)
     revision = config.model.revision
     specs = _verify_specs(manager, repo, revision, args, config)
-    reports = [(spec, manager.verify(repo, revision=revision, **spec)) for spec in specs]
-    checked = list(dict.fromkeys(n for _, r in reports for n in r.checked))
-    missing = list(dict.fromkeys(n for _, r in reports for n in r.missing))
-    corrupt = {n: p for _, r in reports for n, p in r.corrupt.items()}
-    first = reports[0][1]
-    if args.json:
-        _print_json(
-            {
-                "model": repo,
-                "commit": first.commit,
-                "path": str(first.path),
-                "ok": not missing and not corrupt,
-                "checked": checked,
-                "missing": missing,
-                "corrupt": corrupt,
-                "checked_for": [_spec_of(spec) for spec in specs],
-            }
-        )
-    else:
-        print(f"{repo} @ {first.commit[:10]} in {first.path}")
-        print(f"  for: {'; '.join(_describe_spec(spec) for spec in specs)}")
-        for name in checked:
-            problem = corrupt.get(name)
-            note = f"  ({problem})" if problem else ""
-            print(f"  {'CORRUPT' if problem else 'ok':8} {name}{note}")
-        for name in missing:
-            print(f"  {'MISSING':8} {name}")
-    bad = [(spec, r) for spec, r in reports if not r.ok]
+    reports = [manager.verify(repo, revision=revision, **spec) for spec in specs]
+    result = {
+        "model": repo,
+        "commit": reports[0].commit,
+        "path": str(reports[0].path),
+        "ok": all(r.ok for r in reports),
+        "checked": list(dict.fromkeys(n for r in reports for n in r.checked)),
+        "missing": list(dict.fromkeys(n for r in reports for n in r.missing)),
+        "corrupt": {n: why for r in reports for n, why in r.corrupt.items()},
+        "checked_for": [_spec_of(spec) for spec in specs],
+    }
+    _show_verify(result, as_json=args.json)
+    bad = [(spec, r) for spec, r in zip(specs, reports, strict=True) if not r.ok]
     if bad:
-        problems = [*(f"{n} missing" for n in missing), *corrupt]
+        problems = [*(f"{n} missing" for n in result["missing"]), *result["corrupt"]]
+        where = _cache_dir_flag(resolved)
         fixes = " and ".join(
-            f"`{_prewarm_command(repo, revision, spec, force=bool(r.corrupt))}`" for spec, r in bad
+            f"`{_prewarm_command(repo, revision, spec, where, force=bool(r.corrupt))}`"
+            for spec, r in bad
         )
         raise CacheError(
             f"{repo} is not usable for {'; '.join(_describe_spec(s) for s, _ in bad)}: "
-            f"{len(missing)} missing, {len(corrupt)} corrupt "
+            f"{len(result['missing'])} missing, {len(result['corrupt'])} corrupt "
             f"({', '.join(problems[:5])}{', ...' if len(problems) > 5 else ''}); run {fixes}",
-            path=str(first.path),
+            path=result["path"],
         )
     return 0
+
+
+def _show_verify(result: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    print(f"{result['model']} @ {result['commit'][:10]} in {result['path']}")
+    print(f"  for: {'; '.join(_describe_spec(spec) for spec in result['checked_for'])}")
+    for name in result["checked"]:
+        problem = result["corrupt"].get(name)
+        note = f"  ({problem})" if problem else ""
+        print(f"  {'CORRUPT' if problem else 'ok':8} {name}{note}")
+    for name in result["missing"]:
+        print(f"  {'MISSING':8} {name}")
 
 
 def _verify_specs(
@@ -496,9 +497,11 @@ def _describe_spec(spec: dict[str, Any]) -> str:
     )
 
 
-def _prewarm_command(repo: str, revision: str, spec: dict[str, Any], *, force: bool) -> str:
-    """The `mlxnode cache prewarm` that fetches what `spec` needs again."""
-    words = ["mlxnode", "cache", "prewarm", repo]
+def _prewarm_command(
+    repo: str, revision: str, spec: dict[str, Any], where: list[str], *, force: bool
+) -> str:
+    """The `mlxnode cache prewarm` that fetches what `spec` needs again into `where`."""
+    words = ["mlxnode", "cache", "prewarm", repo, *where]
     if revision != DEFAULT_REVISION:
         words += ["--revision", revision]
     if spec["all_files"]:
@@ -518,6 +521,14 @@ def _prewarm_command(repo: str, revision: str, spec: dict[str, Any], *, force: b
 
 def _from_cli(resolved: ResolvedConfig, key: str) -> bool:
     return resolved.sources.get(key, "").startswith("cli:")
+
+
+def _cache_dir_flag(resolved: ResolvedConfig) -> list[str]:
+    """`--cache-dir DIR` when a flag or a config file chose it (the environment persists)."""
+    source = resolved.sources.get("cache.dir", "default")
+    if source == "default" or source.startswith("env:"):
+        return []
+    return ["--cache-dir", resolved.config.cache.dir]
 
 
 def _world_size(args: argparse.Namespace) -> int:
