@@ -20,6 +20,7 @@ from mlxnode.preflight import DEFAULT_STARTING_PORT
 
 COMMANDS = [
     ["run"],
+    ["serve"],
     ["launch"],
     ["preflight"],
     ["config", "show"],
@@ -59,9 +60,9 @@ def test_launch_help_shows_its_hostfile_format_port_timeout_and_the_separator(he
     text = " ".join(helps["launch"].split())
     assert '[{"ssh": "mac1.local", "ips": ["10.0.0.1"]},' in text
     assert f"(default: {DEFAULT_STARTING_PORT})" in text
-    assert f"(default: {DEFAULT_TIMEOUT:g})" in text
+    assert f"(default: {DEFAULT_TIMEOUT:g} for run, none for serve)" in text
     assert f"(default: {DEFAULT_LOCK_FILE})" in text
-    assert "-- [mlxnode run arguments]" in text
+    assert "-- [serve] [mlxnode run arguments]" in text
     assert "--hostfile" in " ".join(helps["preflight"].split()) and '"ssh"' in helps["preflight"]
 
 
