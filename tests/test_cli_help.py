@@ -22,7 +22,7 @@ COMMANDS = [
     ["run"],
     ["serve"],
     ["launch"],
-    ["preflight"],
+    ["health"],
     ["config", "show"],
     ["cache"],
     *(["cache", action] for action in ACTIONS),
@@ -63,7 +63,7 @@ def test_launch_help_shows_its_hostfile_format_port_timeout_and_the_separator(he
     assert f"(default: {DEFAULT_TIMEOUT:g} for run, none for serve)" in text
     assert f"(default: {DEFAULT_LOCK_FILE})" in text
     assert "-- [serve] [mlxnode run arguments]" in text
-    assert "--hostfile" in " ".join(helps["preflight"].split()) and '"ssh"' in helps["preflight"]
+    assert "its format: `mlxnode launch --help`" in " ".join(helps["health"].split())
 
 
 def test_defaults_in_help_come_from_the_config_model(helps):
