@@ -2,7 +2,7 @@
 
 Byte sizes are binary (KiB, MiB, GiB: powers of 1024), the unit in which memory is
 reported, so a rank's weight files, its free memory and a download read alike.
-The Ansible filters (playbooks/filter_plugins) use these same functions.
+The Ansible filters (plugins/filter/mlxnode_cluster.py) use these same functions.
 """
 
 from __future__ import annotations

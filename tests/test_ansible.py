@@ -62,7 +62,7 @@ def _solo_inventory(tmp_path: Path, **group_vars: object) -> Path:
 
 
 def _load_filters():
-    path = ROOT / "playbooks" / "filter_plugins" / "mlxnode_cluster.py"
+    path = ROOT / "plugins" / "filter" / "mlxnode_cluster.py"
     spec = importlib.util.spec_from_file_location("mlxnode_cluster_filters", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -174,6 +174,116 @@ def test_example_inventory_parses_and_orders_ranks(tmp_path):
     assert filters.rank_order(hosts, hostvars) == hosts
     assert all("mlxnode_mlx_ip" in hostvars[h] for h in hosts)
     assert hostvars[hosts[0]]["mlxnode_model"]
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def _venv_view(at: Path) -> Path:
+    """A virtualenv at `at` that is this test run's own (linked), so rendered files land in tmp.
+
+    The roles write config.yaml next to the venv directory and validate it with the venv's
+    mlxnode; a linked bin/ alone would start Python without the venv's site-packages.
+    """
+    at.mkdir()
+    real = VENV_BIN.parent
+    for name in ("bin", "lib", "lib64", "pyvenv.cfg"):
+        if (real / name).exists():
+            (at / name).symlink_to(real / name)
+    return at
+
+
+@pytest.fixture(scope="module")
+def installed_collection(tmp_path_factory) -> Path:
+    """mlxnode.cluster built from the checkout and installed into an empty collections path."""
+    tmp = tmp_path_factory.mktemp("collection")
+    galaxy = _tool("ansible-galaxy")
+    env = {**_ansible_env(tmp), "ANSIBLE_CONFIG": str(tmp / "none.cfg")}
+    build = subprocess.run(
+        [galaxy, "collection", "build", str(ROOT), "--output-path", str(tmp)],
+        cwd=tmp, capture_output=True, stdin=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    version = yaml.safe_load((ROOT / "galaxy.yml").read_text())["version"]
+    tarball = tmp / f"mlxnode-cluster-{version}.tar.gz"
+    # --no-deps: ansible.posix, community.general and community.crypto come with the
+    # `ansible` package here; a user's install fetches them from Galaxy.
+    install = subprocess.run(
+        [galaxy, "collection", "install", "--no-deps", "-p", str(tmp / "collections"),
+         str(tarball)],
+        cwd=tmp, capture_output=True, stdin=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    return tmp / "collections"
+
+
+def _collection_env(tmp_path: Path, collections: Path) -> dict[str, str]:
+    """Ansible with no config file at all: only the installed collection."""
+    (tmp_path / "none.cfg").write_text("")
+    return {
+        **_ansible_env(tmp_path),
+        "ANSIBLE_CONFIG": str(tmp_path / "none.cfg"),
+        "ANSIBLE_COLLECTIONS_PATH": str(collections),
+    }
+
+
+def test_collection_version_is_the_packages():
+    galaxy = yaml.safe_load((ROOT / "galaxy.yml").read_text())
+    assert (galaxy["namespace"], galaxy["name"]) == ("mlxnode", "cluster")
+    from importlib.metadata import version
+
+    assert galaxy["version"] == version("mlxnode")
+
+
+def test_collection_holds_roles_plugins_playbooks_and_the_source(installed_collection):
+    root = installed_collection / "ansible_collections" / "mlxnode" / "cluster"
+    for rel in ("plugins/filter/mlxnode_cluster.py", "plugins/lookup/mlxnode_run_raw.py",
+                "meta/runtime.yml", "pyproject.toml", "README.md", "mlxnode/cli.py",
+                "roles/mlxnode_host/files/build_wheelhouse.py"):  # fmt: skip
+        assert (root / rel).is_file(), rel
+    assert {p.name for p in (root / "playbooks").glob("*.yml")} == {p.name for p in PLAYBOOKS}
+    assert {p.name for p in (root / "roles").iterdir()} == set(ROLES)
+    # The checkout's own things stay out (the link to itself would nest the collection).
+    for rel in ("tests", "benchmarks", "playbooks/collections", "roles/mlxnode_run/molecule",
+                "ansible.cfg", ".venv"):  # fmt: skip
+        assert not (root / rel).exists(), rel
+
+
+def test_every_playbook_of_the_collection_parses_by_its_full_name(installed_collection, tmp_path):
+    names = [f"mlxnode.cluster.{p.stem}" for p in PLAYBOOKS]
+    proc = subprocess.run(
+        [_tool("ansible-playbook"), "--syntax-check", "-i",
+         str(ROOT / "inventory" / "example" / "hosts.yml"), *names],
+        cwd=tmp_path, capture_output=True, stdin=subprocess.DEVNULL, text=True,
+        env=_collection_env(tmp_path, installed_collection),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("playbook: ") == len(names), proc.stdout
+
+
+def test_collection_configure_renders_without_the_repositorys_ansible_cfg(
+    installed_collection, tmp_path
+):
+    """A real run of mlxnode.cluster.configure: roles and filters from the collection only."""
+    from mlxnode.config import load_config
+
+    venv = _venv_view(tmp_path / "venv")
+    inventory = _solo_inventory(tmp_path, mlxnode_model="org/name", mlxnode_venv_dir=str(venv))
+    argv = [_tool("ansible-playbook"), "-i", str(inventory), "mlxnode.cluster.configure"]
+    env = _collection_env(tmp_path, installed_collection)
+    for run in ("first", "second"):
+        proc = subprocess.run(
+            argv, cwd=tmp_path, capture_output=True, stdin=subprocess.DEVNULL, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        recap = re.search(
+            r"^solo\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0", proc.stdout, re.M
+        )
+        assert recap, proc.stdout[-3000:]
+        assert (int(recap[1]) > 0) == (run == "first"), (run, recap[0])
+    config = load_config(config_path=tmp_path / "config.yaml", environ={}).config
+    assert config.model.name == "org/name"
+    assert json.loads((tmp_path / "hosts.json").read_text())[0]["name"] == "solo"
 
 
 # --------------------------------------------------------------------------- templates

@@ -569,11 +569,11 @@ PLAYBOOK = """\
     - name: Build the hostfile the way the roles do.
       run_once: true
       ansible.builtin.debug:
-        msg: "{{ order | mlxnode_hostfile(hostvars) }} {{ layout }}"
+        msg: "{{ order | mlxnode.cluster.mlxnode_hostfile(hostvars) }} {{ layout }}"
       vars:
-        order: "{{ groups['mlx_cluster'] | mlxnode_rank_order(hostvars) }}"
-        layout: "{{ mlxnode_split | default([]) | mlxnode_layout(
-                    order | mlxnode_memory_weights(hostvars), order | length) }}"
+        order: "{{ groups['mlx_cluster'] | mlxnode.cluster.mlxnode_rank_order(hostvars) }}"
+        layout: "{{ mlxnode_split | default([]) | mlxnode.cluster.mlxnode_layout(
+                    order | mlxnode.cluster.mlxnode_memory_weights(hostvars), order | length) }}"
 """
 
 # The venv's own ansible-playbook: `make test` does not put .venv/bin on PATH.
@@ -638,7 +638,7 @@ def _inventory_run(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
     (tmp_path / "check.yml").write_text(PLAYBOOK)
     env = dict(os.environ)
     env.update(
-        ANSIBLE_FILTER_PLUGINS=str(REPO / "playbooks" / "filter_plugins"),
+        ANSIBLE_COLLECTIONS_PATH=str(REPO / "playbooks" / "collections"),
         ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
         ANSIBLE_HOME=str(tmp_path / "ansible"),
         ANSIBLE_NOCOLOR="1",

@@ -10,14 +10,14 @@ default), templated as usual.
 A template that names such a variable evaluates it even in a branch it never takes
 (Jinja resolves every name up front), so the role names these variables only here.
 
-    query('mlxnode_run_raw', 'mlxnode_run_prompt', 'prompt')[0]  ->  '{{ 7*7 }}'
+    query('mlxnode.cluster.mlxnode_run_raw', 'mlxnode_run_prompt', 'prompt')[0]  ->  '{{ 7*7 }}'
 
 With ``flags``, a list of ``[role variable, -e name, flag]``, it returns one argv list
 instead: ``--flag=VALUE`` for each setting given (``-e max_tokens=64`` ->
 ``--max-tokens=64``), in the list's order, skipping those left empty. One argument
 each, so a value starting with ``-`` stays a value.
 
-    query('mlxnode_run_raw', flags=[['mlxnode_run_seed', 'seed', '--seed']])[0]
+    query('mlxnode.cluster.mlxnode_run_raw', flags=[['mlxnode_run_seed', 'seed', '--seed']])[0]
         ->  ['--seed=7']
 """
 
