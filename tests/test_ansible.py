@@ -531,6 +531,22 @@ def test_launch_daemon_plist_sets_the_wired_limit(rendered):
         ]
 
 
+def test_the_launch_daemon_is_reloaded_by_its_label_and_file():
+    """macOS only, so never run here: the handler names the daemon the template installs."""
+    (handler,) = yaml.safe_load((ROOT / "roles/mlxnode_host/handlers/main.yml").read_text())
+    launchd = handler["community.general.launchd"]
+    assert (launchd["name"], launchd["state"]) == (
+        "{{ mlxnode_host_wired_limit_label }}",
+        "reloaded",
+    )
+    assert launchd["plist"] == "{{ mlxnode_host_wired_limit_plist | basename }}"
+    defaults = yaml.safe_load((ROOT / "roles/mlxnode_host/defaults/main.yml").read_text())
+    # launchd looks the plist up by file name in /Library/LaunchDaemons.
+    assert defaults["mlxnode_host_wired_limit_plist"] == (
+        "/Library/LaunchDaemons/{{ mlxnode_host_wired_limit_label }}.plist"
+    )
+
+
 # --------------------------------------------------------------------------- filters
 
 
