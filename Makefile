@@ -8,8 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlxnode-installed
-# Debian packages the testbed and the Ansible roles need on this machine.
-DEB_PACKAGES := openssh-server openssh-sftp-server openssh-client rsync iproute2 util-linux mount python3 python3-venv procps
+# Debian packages the testbed and the Ansible roles need on this machine; chromium and its
+# driver for the chat page's browser test (no browser is downloaded from elsewhere).
+DEB_PACKAGES := openssh-server openssh-sftp-server openssh-client rsync iproute2 util-linux mount python3 python3-venv procps chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo lint bench clean

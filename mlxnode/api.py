@@ -23,10 +23,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from .errors import UsageError
 from .generation import encode_messages, encode_text
@@ -44,8 +45,9 @@ RETRY_AFTER_SECONDS = 1
 _PLAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # How often a handler waiting for a whole answer checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
-# Paths open without the API key: probes and scrapers rarely carry one.
-OPEN_PATHS = ("/health", "/ready", "/metrics")
+# Paths open without the API key: probes and scrapers rarely carry one, and the chat page
+# (static; it sends the key its user types with its own API calls).
+OPEN_PATHS = ("/", "/health", "/ready", "/metrics")
 
 
 class Gateway(Protocol):
@@ -72,6 +74,9 @@ class ApiSettings:
     # Used where a request leaves them out (generation.temperature, generation.top_p).
     temperature: float = 0.0
     top_p: float = 1.0
+    # What `/v1/cluster` says of the ranks (distributed.strategy; how many ranks).
+    strategy: str = "single"
+    world_size: int = 1
 
 
 class ApiError(Exception):
@@ -148,6 +153,12 @@ def create_app(
         message = f"{request.method} is not allowed on {request.url.path}"
         return ApiError(405, message, code="method_not_allowed").response(request.state.request_id)
 
+    chat_page = _chat_page()
+
+    @app.get("/")
+    async def chat_ui() -> HTMLResponse:
+        return HTMLResponse(chat_page)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -170,6 +181,17 @@ def create_app(
     async def models() -> dict[str, Any]:
         model = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlxnode"}
         return {"object": "list", "data": [model]}
+
+    @app.get("/v1/cluster")
+    async def cluster() -> dict[str, Any]:
+        # Hosts are known once the first readiness probe has gathered every rank's memory.
+        return {
+            "object": "cluster",
+            "model": settings.model_id,
+            "strategy": settings.strategy,
+            "world_size": settings.world_size,
+            "ranks": metrics.ranks,
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -222,6 +244,11 @@ def create_app(
         return await _collect(events, answer, gateway, request)
 
     return app
+
+
+def _chat_page() -> str:
+    """The chat page (mlxnode/static/chat.html, package data)."""
+    return resources.files("mlxnode").joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
 class _Guard:

@@ -63,6 +63,9 @@ class ServeMetrics:
             registry=r,
         )
         self.ready = Gauge("mlxnode_ready", "1 while /ready answers 200.", registry=r)
+        # The last gathered {"rank", "host", "peak_memory_bytes"} of every rank, for
+        # `/v1/cluster`; replaced whole, so readers in another thread see one gathering.
+        self.ranks: list[dict[str, Any]] = []
 
     def token(self, seconds: float, first: bool) -> None:
         (self.ttft if first else self.inter_token).observe(seconds)
@@ -76,6 +79,7 @@ class ServeMetrics:
         self.running.set(running)
 
     def memory(self, ranks: list[dict[str, Any]]) -> None:
+        self.ranks = sorted(ranks, key=lambda r: r["rank"])
         for r in ranks:
             self.peak_memory.labels(rank=str(r["rank"]), host=r["host"]).set(r["peak_memory_bytes"])
 

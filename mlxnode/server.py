@@ -104,6 +104,8 @@ def _serve(
             chat_template=config.generation.use_chat_template,
             temperature=config.generation.temperature,
             top_p=config.generation.top_p,
+            strategy=config.distributed.strategy,
+            world_size=group.size(),
         )
         # The HTTP thread gets a tokenizer of its own: the main thread decodes with the other.
         tokenizer = load_tokenizer(metadata.path, metadata.config, config.generation.chat_template)
