@@ -18,7 +18,7 @@ import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .. import launcher, preflight
+from .. import launcher, preflight, supervisor
 from ..errors import MlxnodeError, PreflightError, Stopped, UsageError
 from ..logs import redact
 from ..prompts import STDIN, Prompt, prompts_from_args, read_prompts_file
@@ -144,6 +144,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "its own peak memory) as JSON, also when it fails.",
     )
     run.add_argument(
+        supervisor.SUPERVISE_FLAG,
+        action="store_true",
+        help="Start the whole launch again when it fails (a rank died or hung), with a "
+        "back-off; for `-- serve` where no launchd or systemd keeps it running.",
+    )
+    run.add_argument(
         "run_args",
         nargs=argparse.REMAINDER,
         metavar="-- RUN_ARGS",
@@ -155,6 +161,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def launch_main(args: argparse.Namespace) -> int:
     resolved = configure(args, label=LAUNCHER_LABEL)
+    if args.supervise:
+        return supervisor.supervise(supervisor.rerun_argv())
     run_id = launcher.check_run_id(args.run_id or launcher.new_run_id())
     verb, run_args = split_verb(args.run_args)
     prompts = None

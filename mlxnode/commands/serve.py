@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import outcome
+from .. import outcome, supervisor
 from ..errors import MlxnodeError
 from .common import HelpFormatter, add_config_flags, configure, examples
 
@@ -47,11 +47,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="Write this rank's status record there when it ends (set by launch, which "
         "judges the ranks by them).",
     )
+    parser.add_argument(
+        supervisor.SUPERVISE_FLAG,
+        action="store_true",
+        help="Start the server again when it fails, with a back-off (one process; for a "
+        "group of ranks use `mlxnode launch --supervise -- serve ...`).",
+    )
     add_config_flags(parser)
     parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.supervise:
+        configure(args)
+        return supervisor.supervise(supervisor.rerun_argv())
     outcome.start(args.status_dir, args.run_id)
     try:
         resolved = configure(args)
