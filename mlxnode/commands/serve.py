@@ -50,8 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         supervisor.SUPERVISE_FLAG,
         action="store_true",
-        help="Start the server again when it fails, with a back-off (one process; for a "
-        "group of ranks use `mlxnode launch --supervise -- serve ...`).",
+        help="Start the server again when it fails, with a back-off. This restarts one "
+        "process; a group of ranks is restarted by the launch's own flag of this name.",
     )
     add_config_flags(parser)
     parser.set_defaults(handler=main)
