@@ -27,7 +27,7 @@ from mlxnode import readiness
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PLAYBOOKS = sorted((ROOT / "playbooks").glob("*.yml"))
-ROLES = ("mlxnode_host", "mlxnode_config", "mlxnode_cache", "mlxnode_run")
+ROLES = ("mlxnode_host", "mlxnode_config", "mlxnode_cache", "mlxnode_run", "mlxnode_serve")
 
 
 def _tool(name: str) -> str:
