@@ -269,7 +269,9 @@ def launch(
             "--backend", backend,
             "--starting-port", str(starting_port),
             "--env", f"MLXNODE_RUN_ID={run_id}",
-            python, "-m", "mlxnode", verb, "--run-id", run_id,
+            # "--": mlx.launch would otherwise read the ranks' flags as its own abbreviated
+            # (`serve --host` as its --hosts).
+            "--", python, "-m", "mlxnode", verb, "--run-id", run_id,
             "--status-dir", str(run_dir), *run_args,
         ]  # fmt: skip
         if nice := shutil.which("nice"):

@@ -54,7 +54,8 @@ def test_the_chat_page_streams_the_apis_greedy_answer_and_shows_the_ranks(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX")}
     env["HOME"] = str(tmp_path / "home")
     env["MLXNODE_SERVE_API_KEY"] = API_KEY
-    args = ["--max-tokens", str(MAX_TOKENS)]
+    # --host: through mlx.launch, which must not take it for its own --hosts.
+    args = ["--max-tokens", str(MAX_TOKENS), "--host", "127.0.0.1"]
     with serving(local_cluster.model, *args, launch=launch, env=env, cwd=tmp_path) as server:
         expected = (
             server.client(API_KEY)
