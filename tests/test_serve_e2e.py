@@ -15,7 +15,7 @@ import openai
 import pytest
 from conftest import requires
 
-from tests.support.cluster import HOSTS, PROMPT
+from tests.support.cluster import HOSTS, PROMPT, RUNS_DIR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires("root", "iproute2", "sshd", "rsync")]
 
@@ -27,8 +27,14 @@ SERVE_VARS = {
     "mlxnode_serve_port": PORT,
     "mlxnode_serve_api_key": API_KEY,
     "mlxnode_serve_args": ["--max-tokens", "8", "--no-chat-template"],
-    "mlxnode_serve_ready_timeout": 120,
+    "mlxnode_serve_ready_timeout": 90,
 }
+
+
+def _server_logs(cluster) -> str:
+    """The launcher's end of the server's logs, for a failure message."""
+    files = " ".join(f"{RUNS_DIR}/serve/{f}" for f in ("launcher.stderr.log", "service.log"))
+    return cluster.ssh("h1", f"tail -n 30 {files}", check=False).stdout
 
 
 def _changed(play) -> dict[str, int]:
@@ -41,7 +47,8 @@ def test_serve_playbook_runs_the_server_as_a_service_over_the_three_hosts(cluste
     extra = ("-e", json.dumps(SERVE_VARS))
     stop = ("-e", json.dumps({**SERVE_VARS, "state": "stopped"}))
     try:
-        started = cluster.playbook("serve.yml", *extra).check()
+        started = cluster.playbook("serve.yml", *extra)
+        assert started.rc == 0, started.output[-3000:] + _server_logs(cluster)
         print(f"\nserve.yml: {started.seconds:.1f} s")
         assert _changed(started)["h1"] > 0
         h1 = cluster.bed.host("h1").ip
