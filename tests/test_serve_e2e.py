@@ -65,7 +65,8 @@ def test_serve_playbook_runs_the_server_as_a_service_over_the_three_hosts(cluste
         again = cluster.playbook("serve.yml", *extra).check()
         assert set(_changed(again).values()) == {0}, again.output[-3000:]
 
-        health = cluster.playbook("health.yml").check()
+        # health.yml knows the port as serve.yml does: from the inventory, or here -e.
+        health = cluster.playbook("health.yml", "-e", f"mlxnode_serve_port={PORT}").check()
         assert f"server http://127.0.0.1:{PORT}: ready" in health.output
 
         cluster.playbook("collect_logs.yml", "-e", "run_id=serve").check()
