@@ -28,6 +28,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,7 +136,9 @@ def _aggregate(result: dict) -> float:
 
 
 def bench_replicas(bed: Testbed, reps: int, max_tokens: int) -> dict:
-    common = ["--model-path", MODELS["q4"], "--max-tokens", str(max_tokens)]
+    # No chat template: SmolLM2's adds a 30-token system prompt to every prompt, and on a
+    # loaded 2-core machine the prefill of 16 of them took minutes per run.
+    common = ["--model-path", MODELS["q4"], "--max-tokens", str(max_tokens), "--no-chat-template"]
     common += ["--prompts-file", "/tmp/prompts.jsonl"]
     one, two, ids_equal = [], [], []
     for rep in range(reps):
@@ -188,16 +191,16 @@ def bench_single_stream(bed: Testbed, reps: int, max_tokens: int) -> dict:
 def bench_memory(bed: Testbed, even: str, uneven: dict[str, str], max_tokens: int) -> dict:
     model = real_model("bfloat16")
     model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    common = ["--model-path", MODELS["bfloat16"], "--max-tokens", str(max_tokens), SINGLE_PROMPT]
+    common = ["--model-path", MODELS["bfloat16"], "--max-tokens", str(max_tokens)]
     Testbed(NAME, cpus=PINS, memory=dict.fromkeys(HOSTS, even)).up()
-    single = run(bed, *common, hosts=1, check=False)
-    pipeline = run(bed, *common, "--strategy", "pipeline", hosts=2, check=False)
+    single = run(bed, *common, SINGLE_PROMPT, hosts=1, check=False)
+    pipeline = run(bed, *common, "--strategy", "pipeline", SINGLE_PROMPT, hosts=2, check=False)
     Testbed(NAME, cpus=PINS, memory=uneven).up()
     limits = {h: s.memory_bytes for h, s in zip(HOSTS, bed.status(), strict=True)}
     # What mlxnode_memory_weight does in the inventory: the layers split by these weights.
     weights = ",".join(str(limits[h] // 2**20) for h in HOSTS)
-    weighted = run(bed, *common, "--strategy", "pipeline", "--weights", weights, hosts=2,
-                   check=False)  # fmt: skip
+    weighted = run(bed, *common, "--strategy", "pipeline", "--weights", weights, SINGLE_PROMPT,
+                   hosts=2, check=False)  # fmt: skip
     Testbed(NAME, cpus=PINS, memory={}).up()
     summary = {}
     for name, result in (("single_host", single), ("pipeline_even", pipeline),
@@ -224,11 +227,20 @@ def bench_memory(bed: Testbed, even: str, uneven: dict[str, str], max_tokens: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=12, help="tokens per batch prompt")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per batch prompt")
     parser.add_argument("--single-tokens", type=int, default=32)
     parser.add_argument("--memory", default="340M", help="each host's limit, both hosts")
     parser.add_argument("--uneven", default="h1=420M,h2=300M")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput.json")
+    parser.add_argument(
+        "--only",
+        choices=("replicas", "memory", "single_stream"),
+        action="append",
+        help="measure only these phases, keeping the others' results in --out",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="use the testbed a killed run left up, as provisioned"
+    )
     args = parser.parse_args(argv)
     uneven = dict(item.split("=", 1) for item in args.uneven.split(","))
 
@@ -237,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     snapshot_source(work / "src")
     bed = Testbed(NAME, hosts=len(HOSTS), subnet=SUBNET, cpus=PINS)
     try:
-        bed.down()
+        reuse = args.reuse and bool(bed.status())
+        if not reuse:
+            bed.down()
+        for host in HOSTS if reuse else ():
+            bed.kill_host_processes(host, r"mlxnode (run|launch)", sig=signal.SIGKILL)
         bed.up()
         inventory = bed.write_inventory(
             work / "inventory" / "hosts.yml",
@@ -249,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         place_files(bed)
         # site.yml without its prewarm: the models are already on the hosts, by path.
-        site_s = playbook(inventory, "provision.yml", work)[0]
-        site_s += playbook(inventory, "configure.yml", work)[0]
+        site_s = 0.0
+        if not reuse:
+            site_s = playbook(inventory, "provision.yml", work)[0]
+            site_s += playbook(inventory, "configure.yml", work)[0]
         print(f"provision.yml + configure.yml {site_s:.1f} s", file=sys.stderr)
         pinning = {s.name: {"cpus": s.cpus, "memory_bytes": s.memory_bytes} for s in bed.status()}
+        kept = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
         result = {
+            **kept,
             "machine": machine(),
             "testbed": {"hosts": list(HOSTS), "pinning": pinning, "provision_s": site_s},
             "model": "SmolLM2-135M-Instruct 4-bit (tests/support/real_model.py q4)",
@@ -262,9 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         # Each phase is saved as it ends, so a slow machine still leaves what it measured.
         for phase, measure in (
             ("replicas", lambda: bench_replicas(bed, args.reps, args.max_tokens)),
-            ("single_stream", lambda: bench_single_stream(bed, args.reps, args.single_tokens)),
             ("memory", lambda: bench_memory(bed, args.memory, uneven, 8)),
+            ("single_stream", lambda: bench_single_stream(bed, args.reps, args.single_tokens)),
         ):
+            if args.only and phase not in args.only:
+                continue
             result[phase] = measure()
             result["machine"]["loadavg_at_end"] = os.getloadavg()
             result["seconds"] = time.monotonic() - started
