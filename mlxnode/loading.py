@@ -214,8 +214,8 @@ def check_fits(
     )
     raise ModelLoadError(
         f"rank {rank} on {host}: its share of the model ({plan.strategy}) is "
-        f"{need / 2**20:.1f} MiB but the host has {limit / 2**20:.1f} MiB, "
-        f"{max(room, 0) / 2**20:.1f} MiB of it free for weights; {hint}"
+        f"{format_bytes(need)} but the host has {format_bytes(limit)}, "
+        f"{format_bytes(max(room, 0))} of it free for weights; {hint}"
     )
 
 

@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from .distributed import FULL_MESH_BACKENDS, transport_for
 from .errors import ModelLoadError, UsageError
+from .formatting import format_bytes
 from .pipeline import agree_on_wire, apply_pipeline, generic_pipeline_problem
 from .sharding import layer_range, resolve_split
 
@@ -195,8 +196,8 @@ def _copies_fit(model_bytes: int | None, memory: Sequence[int] | None) -> str | 
     if min(memory) < need:
         return None
     return (
-        f"every rank's memory (least {min(memory) / 2**20:.1f} MiB) holds the model "
-        f"({model_bytes / 2**20:.1f} MiB) x {REPLICA_MEMORY_FACTOR}"
+        f"every rank's memory (least {format_bytes(min(memory))}) holds the model "
+        f"({format_bytes(model_bytes)}) x {REPLICA_MEMORY_FACTOR}"
     )
 
 
