@@ -54,7 +54,7 @@ _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 6, 6, 80
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-STRATEGIES = ("auto", "pipeline", "tensor")
+STRATEGIES = ("auto", "pipeline", "tensor", "replicas")
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl", "any")
 
 

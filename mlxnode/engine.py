@@ -49,6 +49,8 @@ from .logs import CLI_REPORTS, env_rank
 from .metrics import RankStats, RunMetrics, write_metrics
 from .model_files import read_metadata
 from .prompts import Prompt, prompts_from_json, prompts_to_json
+from .replicas import generate_replicated
+from .strategy import REPLICAS
 from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -161,18 +163,28 @@ def _run(
         context_length=metadata.context_length,
         model_name=metadata.name,
     )
-    sharded = load_sharded(config, group, metadata, wait=wait)
+    sharded = load_sharded(config, group, metadata, wait=wait, batch_size=len(batch))
 
     write = _printer(stdout if group.rank() == 0 else None)
     logger.info("generating %d prompt(s), up to %d new tokens", len(batch), gen.max_tokens)
     with guard("generating"):
-        generation = generate(
-            sharded,
-            batch,
-            sampler=_seeded_sampler(gen),
-            on_step=watchdog.beat,
-            on_text=write if len(batch) == 1 else None,
-        )
+        if sharded.plan.strategy == REPLICAS:
+            generation = generate_replicated(
+                sharded,
+                batch,
+                sampler=_seeded_sampler(gen),
+                on_step=watchdog.beat,
+                on_text=write,
+                wait=wait,
+            )
+        else:
+            generation = generate(
+                sharded,
+                batch,
+                sampler=_seeded_sampler(gen),
+                on_step=watchdog.beat,
+                on_text=write if len(batch) == 1 else None,
+            )
     if len(batch) == 1:
         write("\n")
     elif output is None:

@@ -8,7 +8,9 @@ rank starts generating (and waits on a peer's collective) while another still re
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,7 +23,9 @@ import mlx.nn as nn
 
 from . import distributed
 from .config import Config
+from .errors import ModelLoadError
 from .formatting import format_bytes
+from .memory import host_memory_bytes, process_bytes
 from .model_files import (
     ModelMetadata,
     build_model,
@@ -31,7 +35,9 @@ from .model_files import (
     read_metadata,
 )
 from .strategy import (
+    LOCAL,
     PIPELINE,
+    REPLICAS,
     TENSOR,
     ShardPlan,
     apply_plan,
@@ -86,6 +92,7 @@ def load_sharded(
     metadata: ModelMetadata | None = None,
     *,
     wait: Guard = unguarded,
+    batch_size: int = 1,
 ) -> ShardedModel:
     """Load this rank's shard of the model of `config`: plan, prune or shard, materialise.
 
@@ -95,14 +102,17 @@ def load_sharded(
         config: The resolved configuration (``model``, ``distributed``, ``cache``).
         group: The ranks to split the model over; None: this process holds all of it.
         metadata: The model's metadata if already read (`model_files.read_metadata`).
-        wait: Wraps the final wait for the other ranks (a watchdog's guard).
+        wait: Wraps the waits for the other ranks (a watchdog's guard).
+        batch_size: Prompts the model is loaded for; with several, `auto` may give every
+            rank a whole copy (`strategy.plan_shards`).
 
     Returns:
         The loaded shard.
 
     Raises:
         UsageError: a bad split or weights.
-        ModelLoadError: the model cannot be loaded or split the way asked.
+        ModelLoadError: the model cannot be loaded or split the way asked, or this rank's
+            share does not fit its host's memory.
         DistributedSetupError: a peer went away while loading.
     """
     if metadata is None:
@@ -112,6 +122,16 @@ def load_sharded(
     mx.reset_peak_memory()
     dist = config.distributed
     model = build_model(metadata.path, metadata.name)
+    model_bytes = weight_bytes(metadata.path)
+    memory = None
+    if group is not None and world_size > 1 and dist.strategy == "auto" and batch_size > 1:
+        with (
+            distributed.peer_errors(rank, "sharing each host's memory"),
+            wait("waiting for every rank's memory figure"),
+        ):
+            memory = distributed.all_gather_json(
+                group, host_memory_bytes(), what="sharing each host's memory"
+            )
     plan = plan_shards(
         model,
         metadata.config,
@@ -121,6 +141,9 @@ def load_sharded(
         backend=dist.backend,
         split=dist.split,
         weights=dist.weights,
+        batch_size=batch_size,
+        model_bytes=model_bytes,
+        memory=memory,
     )
     if rank == 0:
         logger.info("strategy %s (%s): %s", plan.strategy, plan.implementation, plan.reason)
@@ -130,7 +153,9 @@ def load_sharded(
         # Planning needed the model's structure before its weights were here; mlx-lm
         # decides which layers to quantise from the weight files, so build it again.
         model = build_model(weights_dir, metadata.name)
-    check_weight_files(weights_dir, plan.layers, num_layers(model, metadata.config), rank)
+    total_layers = num_layers(model, metadata.config)
+    check_weight_files(weights_dir, plan.layers, total_layers, rank)
+    check_fits(plan, weight_bytes(weights_dir), total_layers, rank=rank, world_size=world_size)
     seconds = _materialise(model, plan, group, started=started, wait=wait)
     return ShardedModel(
         model=model,
@@ -140,6 +165,57 @@ def load_sharded(
         plan=plan,
         group=group,
         load_seconds=seconds,
+    )
+
+
+def weight_bytes(model_dir: Path) -> int | None:
+    """The size of a model's weights: its index's total, else its weight files here; None:
+    unknown (a cached model whose only weight file is not fetched yet)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        except (OSError, ValueError):
+            total = None
+        if isinstance(total, int) and total > 0:
+            return total
+    sizes = [p.stat().st_size for p in model_dir.glob("model*.safetensors")]
+    return sum(sizes) or None
+
+
+def check_fits(
+    plan: ShardPlan, model_bytes: int | None, total_layers: int, *, rank: int, world_size: int
+) -> None:
+    """Refuse, before reading a weight, a share of the model that this host cannot hold.
+
+    The room is the host's memory (`memory.host_memory_bytes`: a cgroup's limit where one
+    applies) less what this process already holds (Python, MLX, the tokenizer).
+
+    Raises:
+        ModelLoadError: the rank's share of the weights is larger than the room left.
+    """
+    if not model_bytes:
+        return
+    if plan.strategy == PIPELINE and plan.layers and total_layers:
+        need = model_bytes * (plan.layers[1] - plan.layers[0]) // total_layers
+    elif plan.strategy == TENSOR:
+        need = model_bytes // world_size
+    else:
+        need = model_bytes
+    limit = host_memory_bytes()
+    room = limit - process_bytes()
+    if need <= room:
+        return
+    host = socket.gethostname()
+    hint = (
+        "run it over more hosts (--strategy pipeline, with --weights by memory where hosts differ)"
+        if plan.strategy in (LOCAL, REPLICAS)
+        else "add hosts, or give this host fewer layers with --split/--weights"
+    )
+    raise ModelLoadError(
+        f"rank {rank} on {host}: its share of the model ({plan.strategy}) is "
+        f"{format_bytes(need)} but the host has {format_bytes(limit)}, "
+        f"{format_bytes(max(room, 0))} of it free for weights; {hint}"
     )
 
 
@@ -187,7 +263,7 @@ def _fetch_weights(config: Config, name: str, plan: ShardPlan, rank: int, world_
         revision=config.model.revision,
         ranks=(rank,),
         world_size=world_size,
-        strategy=TENSOR if plan.strategy != PIPELINE else PIPELINE,
+        strategy=PIPELINE if plan.strategy == PIPELINE else TENSOR,
         split=plan.split,
         force=config.cache.force_download,
     )

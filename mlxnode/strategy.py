@@ -1,9 +1,10 @@
-"""How a model is split over the ranks: pipeline, tensor or not at all, and why.
+"""How a model is split over the ranks: pipeline, tensor, whole copies, or not at all, and why.
 
 `plan_shards` decides from what the model supports (mlx-lm's own `pipeline()`,
-mlxnode's generic pipeline, mlx-lm's `shard()`), the backend's topology and the
-requested strategy and split; `apply_plan` then prunes or shards the lazily
-loaded model in place, before any weight is read.
+mlxnode's generic pipeline, mlx-lm's `shard()`), the backend's topology, each host's memory
+and the batch, and the requested strategy and split; `apply_plan` then prunes or shards the
+lazily loaded model in place, before any weight is read. Replicas keep the whole model on
+every rank and split the batch instead (`mlxnode.replicas`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ import mlx.nn as nn
 
 from .distributed import FULL_MESH_BACKENDS, transport_for
 from .errors import ModelLoadError, UsageError
+from .formatting import format_bytes
 from .pipeline import agree_on_wire, apply_pipeline, generic_pipeline_problem
 from .sharding import layer_range, resolve_split
 
 logger = logging.getLogger(__name__)
 
-LOCAL, PIPELINE, TENSOR = "local", "pipeline", "tensor"
+LOCAL, PIPELINE, TENSOR, REPLICAS = "local", "pipeline", "tensor", "replicas"
 OWN_PIPELINE, GENERIC_PIPELINE = "mlx-lm pipeline()", "mlxnode generic pipeline"
+WHOLE_COPIES = "whole model per rank"
+
+# auto picks replicas only where every host's memory holds the weights this many times over:
+# the rest is the runtime, the KV cache and the activations of a batch.
+REPLICA_MEMORY_FACTOR = 1.5
 
 # Architectures the generic pipeline wrapper is tested with (tests/test_engine.py). Others
 # pass if they have its shape (a `model.layers` list of blocks that take a KV cache).
@@ -36,7 +43,7 @@ GENERIC_PIPELINE_TESTED = ("llama", "mistral", "qwen3", "gemma", "gemma3_text", 
 class ShardPlan:
     """How this rank holds the model."""
 
-    strategy: str  # LOCAL, PIPELINE or TENSOR
+    strategy: str  # LOCAL, PIPELINE, TENSOR or REPLICAS
     implementation: str  # which code does it, for the log and the metrics
     reason: str
     split: list[int] | None = None  # layers per rank, in rank order (pipeline)
@@ -53,12 +60,22 @@ def plan_shards(
     backend: str = "ring",
     split: Sequence[int] | None = None,
     weights: Sequence[float] | None = None,
+    batch_size: int = 1,
+    model_bytes: int | None = None,
+    memory: Sequence[int] | None = None,
 ) -> ShardPlan:
     """Decide how this rank holds `model` (a lazily loaded instance), and say why.
 
-    auto: pipeline when a split is given; tensor when the backend is a full mesh and
-    the model can be tensor-sharded over `world_size`; else pipeline when possible,
-    else tensor.
+    auto: pipeline when a split is given; replicas when the batch has several prompts and
+    every rank's `memory` holds `model_bytes` (times REPLICA_MEMORY_FACTOR); tensor when the
+    backend is a full mesh and the model can be tensor-sharded over `world_size`; else
+    pipeline when possible, else tensor.
+
+    Args:
+        batch_size: Prompts in the batch; auto splits one prompt, never copies the model.
+        model_bytes: The size of the model's weight files, if known.
+        memory: Each rank's memory figure in bytes (`mlxnode.memory.host_memory`), in rank
+            order; None: unknown, and auto does not pick replicas.
 
     Raises:
         UsageError: a split for a tensor run, or a bad split (`sharding.resolve_split`).
@@ -81,7 +98,15 @@ def plan_shards(
         )
     tensor_problem = _tensor_problem(model, model_config, world_size)
     wants_split = split is not None or weights is not None
+    copies_fit = _copies_fit(model_bytes, memory)
 
+    if strategy == REPLICAS:
+        if wants_split:
+            raise UsageError(
+                "--split and --weights set layers per rank, but replicas hold every layer; "
+                "drop them or use --strategy pipeline"
+            )
+        return ShardPlan(REPLICAS, WHOLE_COPIES, "asked for with --strategy replicas")
     if strategy == TENSOR:
         if wants_split:
             raise UsageError(
@@ -100,6 +125,8 @@ def plan_shards(
         mesh = backend in FULL_MESH_BACKENDS
         if wants_split and pipeline_problem is None:
             chosen, reason = PIPELINE, "auto: --split/--weights give the layers per rank"
+        elif not wants_split and batch_size > 1 and copies_fit is not None:
+            return ShardPlan(REPLICAS, WHOLE_COPIES, f"auto: {batch_size} prompts and {copies_fit}")
         elif mesh and tensor_problem is None:
             chosen = TENSOR
             reason = f"auto: the {backend} backend is a full mesh and {model_type} has shard()"
@@ -159,6 +186,19 @@ def connect_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group)
     """The collectives a plan needs once every rank has its shard (see `agree_on_wire`)."""
     if plan.strategy == PIPELINE:
         agree_on_wire(model, group)
+
+
+def _copies_fit(model_bytes: int | None, memory: Sequence[int] | None) -> str | None:
+    """Why every rank can hold a whole copy (the rule's inputs, for the log), else None."""
+    if not model_bytes or not memory or min(memory) <= 0:
+        return None
+    need = model_bytes * REPLICA_MEMORY_FACTOR
+    if min(memory) < need:
+        return None
+    return (
+        f"every rank's memory (least {format_bytes(min(memory))}) holds the model "
+        f"({format_bytes(model_bytes)}) x {REPLICA_MEMORY_FACTOR}"
+    )
 
 
 def _tensor_problem(model: nn.Module, model_config: dict[str, Any], world_size: int) -> str | None:

@@ -45,6 +45,7 @@ STRATEGIES = [
     ("pipeline", 3, "14,10,6"),
     ("tensor", 3, None),
     ("auto", 2, None),
+    ("replicas", 2, None),
 ]
 # Tensor parallelism only: the largest difference allowed between the distributed and the
 # reference log-probability of a chosen token (nats), and the tokens that must agree first.

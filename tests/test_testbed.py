@@ -350,3 +350,43 @@ def test_down_removes_exactly_what_up_created_and_twice_is_harmless():
     assert stray == []
     assert bed.down() == []
     assert bed.status() == []
+
+
+def test_pinned_hosts_get_their_own_cpus_and_memory_limit_and_down_removes_them():
+    cpus = {"h1": "0", "h2": str((os.cpu_count() or 1) - 1)}
+    bed = tb_mod.Testbed(DOWN_NAME, hosts=2, subnet=DOWN_SUBNET, cpus=cpus, memory={"h1": "600M"})
+    bed.down()
+    try:
+        bed.up()
+        statuses = {s.name: s for s in bed.status()}
+        assert (statuses["h1"].cpus, statuses["h1"].memory_bytes) == ("0", 600 * 2**20)
+        assert (statuses["h2"].cpus, statuses["h2"].memory_bytes) == (cpus["h2"], None)
+        # Every session inherits the host's cgroups from its sshd.
+        out = ssh(bed, "h1", "grep -E ':(cpuset|memory):' /proc/self/cgroup; nproc")
+        assert out.returncode == 0, out.stderr
+        cgroup = f"/mlxnode-testbed/{DOWN_NAME}/h1"
+        *groups, cores = out.stdout.split()
+        assert sorted(g.split(":", 1)[1] for g in groups) == [
+            f"cpuset:{cgroup}",
+            f"memory:{cgroup}",
+        ]
+        assert cores == "1"
+        limit = ssh(bed, "h1", f"cat /sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes")
+        assert limit.stdout.strip() == str(600 * 2**20)
+        table = subprocess.run(
+            [sys.executable, "-m", "tests.support.testbed", "status", "--name", DOWN_NAME],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "CPUS  MEMORY" in table.stdout and "600 MiB" in table.stdout, table.stdout
+    finally:
+        removed = bed.down()
+    assert "removed memory cgroup of h1" in removed
+    assert not Path(f"/sys/fs/cgroup/cpuset/mlxnode-testbed/{DOWN_NAME}").exists()
+    assert not Path(f"/sys/fs/cgroup/memory/mlxnode-testbed/{DOWN_NAME}").exists()
+
+
+def test_bad_limits_are_named():
+    with pytest.raises(tb_mod.TestbedUsageError, match="memory limit '6 GB'"):
+        tb_mod.Testbed(DOWN_NAME, memory={"h1": "6 GB"})
+    with pytest.raises(tb_mod.TestbedUsageError, match="CPUs 'first' for h1"):
+        tb_mod.Testbed(DOWN_NAME, cpus={"h1": "first"})

@@ -30,7 +30,8 @@ METADATA_PATTERNS = (
 )
 # mlx-lm's `load_model` reads every file matching this in the model directory.
 WEIGHT_PATTERN = "model*.safetensors"
-CACHE_STRATEGIES = ("pipeline", "tensor", "auto")
+# A replica holds the whole model, as a tensor rank reads from every file.
+CACHE_STRATEGIES = ("pipeline", "tensor", "auto", "replicas")
 # Keys of config.json that hold the number of transformer blocks, in the order mlx-lm's models use.
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 

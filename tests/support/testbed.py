@@ -6,8 +6,14 @@ running its own sshd. Ansible, paramiko and mlx.launch reach the hosts over real
 key checking on, exactly as they reach real Macs::
 
     python -m tests.support.testbed up --hosts 3    # also writes inventory/testbed/hosts.yml
+    python -m tests.support.testbed up --hosts 2 --pin --memory h1=600M,h2=300M
     python -m tests.support.testbed status
     python -m tests.support.testbed down
+
+With `--pin` / `--cpus` / `--memory` each host gets its own cgroup (v1 `cpuset` and `memory`
+controllers), its sshd placed in it, so every session and every rank started over SSH runs on
+the host's own CPUs within its own memory limit: two hosts on two cores are two 1-core
+machines, and a host's memory can be smaller than a model.
 
 Everything the testbed creates is recorded in its state dir, and `down` removes exactly that.
 """
@@ -64,6 +70,10 @@ _TOOLS = {
 }
 _FILES = {SSHD: "openssh-server", _SFTP_SERVER: "openssh-sftp-server"}
 # The hosts' private dirs are bind-mounted over these, so state must not live under them.
+# Each pinned host's cgroup is <controller root>/mlxnode-testbed/<testbed>/<host>.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_CGROUP_PARENT = "mlxnode-testbed"
+_MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 _FORBIDDEN_STATE_PARENTS = ("/tmp", "/root", "/etc", "/usr", "/proc", "/sys", "/dev", "/run/netns")
 
 # Runs as PID 1 of the host's fresh mount, UTS and PID namespaces. Propagation is private, so
@@ -79,6 +89,14 @@ mount --bind "$1/etc/hosts" /etc/hosts
 mount --bind "$1/etc/ssh" /etc/ssh
 mount -t tmpfs -o size=64k,mode=0755 mlxnode-testbed "$2"
 echo "$3" > /proc/sys/kernel/hostname
+# `ip netns exec` gave the host a fresh /sys without the cgroup mounts; mount the cpuset and
+# memory controllers again, so a process on the host can read its own limits there.
+if mount -t tmpfs -o size=16k,mode=0755 cgroup /sys/fs/cgroup 2>/dev/null; then
+  for c in cpuset memory; do
+    mkdir /sys/fs/cgroup/$c
+    mount -t cgroup -o $c,ro cgroup /sys/fs/cgroup/$c 2>/dev/null || rmdir /sys/fs/cgroup/$c
+  done
+fi
 exec "$4" -D -e -f /etc/ssh/sshd_config
 """
 
@@ -149,6 +167,8 @@ class HostStatus:
     sshd_pid: int | None
     link_up: bool
     reachable: bool
+    cpus: str | None = None  # the host cgroup's CPU set; None: not pinned
+    memory_bytes: int | None = None  # the host cgroup's memory limit; None: no limit
 
 
 @dataclass
@@ -163,6 +183,8 @@ class _State:
     veths: dict[str, str] = field(default_factory=dict)
     # host -> pid and start time of its sshd, and of the unshare ("keeper") that forked it
     sshd: dict[str, dict[str, int]] = field(default_factory=dict)
+    # host -> {"cpus": "0", "memory": bytes}: the limits its cgroup enforces
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = _STATE_VERSION
 
 
@@ -182,6 +204,8 @@ class Testbed:
         hosts: int | None = None,
         subnet: str | None = None,
         state_root: Path | str = DEFAULT_STATE_ROOT,
+        cpus: Mapping[str, str] | None = None,
+        memory: Mapping[str, str | int] | None = None,
     ) -> None:
         """Describe a testbed; nothing is touched until `up()` or `down()`.
 
@@ -190,6 +214,9 @@ class Testbed:
             hosts: Number of hosts; `None` means what the running testbed has, else 3.
             subnet: IPv4 subnet; `None` means the running testbed's, else 10.213.0.0/24.
             state_root: Where each testbed keeps its keys, host dirs and record of what it made.
+            cpus: Host name -> the CPUs it may use ("0", "0-1"), enforced by a cpuset cgroup.
+            memory: Host name -> its memory limit (bytes, or "600M", "2G"), enforced by a
+                memory cgroup. With neither, `up()` keeps what the running testbed has.
 
         Raises:
             TestbedUsageError: An argument is invalid.
@@ -204,6 +231,7 @@ class Testbed:
         self.state_root = _check_state_root(Path(state_root))
         self._requested_hosts = hosts
         self._requested_subnet = _parse_subnet(subnet) if subnet is not None else None
+        self._requested_limits = _limits(cpus or {}, memory or {}) if cpus or memory else None
         self._prefix = name[:4]
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -326,6 +354,7 @@ class Testbed:
         actions += self._ensure_network(state, hosts, subnet)
         changed = [host for host in hosts if self._ensure_host_files(host, hosts)]
         actions += self._ensure_sshd(state, hosts, restart={h.name for h in changed})
+        actions += self._ensure_limits(state, hosts)
         _write_if_changed(self.known_hosts_path, self._known_hosts_text(hosts), 0o644)
         unreachable = [h.name for h, ok in zip(hosts, self._probe(hosts), strict=True) if not ok]
         if unreachable:
@@ -377,6 +406,16 @@ class Testbed:
                         f"processes {left} in {netns} survived SIGKILL", host=host_name
                     )
                 done(f"stopped {len(pids)} process{'es' * (len(pids) != 1)} on {host_name}")
+        for host_name in state.limits:
+            for controller in ("cpuset", "memory"):
+                directory = self._cgroup_dir(controller, host_name)
+                if directory.is_dir():
+                    directory.rmdir()  # empty now: its processes were stopped above
+                    done(f"removed {controller} cgroup of {host_name}")
+        for controller in ("cpuset", "memory"):
+            for directory in (self._cgroup_dir(controller), self._cgroup_dir(controller).parent):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only if no other testbed's hosts live there
         # Deleting the root side of a veth removes both ends at once; deleting a namespace
         # would also remove them, but asynchronously.
         for veth in state.veths.values():
@@ -414,6 +453,10 @@ class Testbed:
                 sshd_pid=self._live_sshd(state, host.name),
                 link_up=_link_is_up(self._veth(host)),
                 reachable=ok,
+                cpus=_read_cgroup(self._cgroup_dir("cpuset", host.name) / "cpuset.cpus"),
+                memory_bytes=_int_or_none(
+                    _read_cgroup(self._cgroup_dir("memory", host.name) / "memory.limit_in_bytes")
+                ),
             )
             for host, ok in zip(hosts, reachable, strict=True)
         ]
@@ -706,6 +749,41 @@ class Testbed:
             logger.info("%s", action)
         return actions
 
+    def _cgroup_dir(self, controller: str, host: str | None = None) -> Path:
+        directory = CGROUP_ROOT / controller / _CGROUP_PARENT / self.name
+        return directory / host if host else directory
+
+    def _ensure_limits(self, state: _State, hosts: list[Host]) -> list[str]:
+        """Give each limited host a cpuset and a memory cgroup, with its sshd in both."""
+        limits = self._requested_limits if self._requested_limits is not None else state.limits
+        unknown = sorted(set(limits) - {h.name for h in hosts})
+        if unknown:
+            raise TestbedUsageError(f"limits name unknown hosts: {', '.join(unknown)}")
+        actions = []
+        for host in hosts:
+            wanted = limits.get(host.name)
+            if not wanted:
+                continue
+            state.limits[host.name] = dict(wanted)
+            self._save_state(state)  # so `down` removes the cgroups even if this fails
+            sshd = self._live_sshd(state, host.name)
+            assert sshd is not None  # _ensure_sshd just started or found it
+            cpuset = self._cgroup_dir("cpuset", host.name)
+            _make_cpuset(cpuset)
+            _write_cgroup(cpuset / "cpuset.cpus", wanted.get("cpus") or _root_cpus())
+            _write_cgroup(cpuset / "cgroup.procs", str(sshd))
+            memory = self._cgroup_dir("memory", host.name)
+            memory.mkdir(parents=True, exist_ok=True)
+            _write_cgroup(memory / "memory.limit_in_bytes", str(wanted.get("memory") or -1))
+            _write_cgroup(memory / "cgroup.procs", str(sshd))
+            actions.append(
+                f"pinned {host.name} to CPUs {_read_cgroup(cpuset / 'cpuset.cpus')}, memory "
+                f"{_read_cgroup(memory / 'memory.limit_in_bytes')} bytes"
+            )
+        for action in actions:
+            logger.info("%s", action)
+        return actions
+
     def _spawn_sshd(self, host: Host) -> subprocess.Popen[bytes]:
         base = self._host_dir(host)
         argv = ["ip", "netns", "exec", host.netns]
@@ -912,6 +990,67 @@ class Testbed:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _limits(cpus: Mapping[str, str], memory: Mapping[str, str | int]) -> dict[str, dict[str, Any]]:
+    """Host -> {"cpus", "memory" (bytes)}, checked; raises TestbedUsageError naming the value."""
+    limits: dict[str, dict[str, Any]] = {}
+    for host, value in cpus.items():
+        if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", str(value)):
+            raise TestbedUsageError(f"CPUs {value!r} for {host}: write them as 0, 0-1 or 0,2")
+        limits.setdefault(host, {})["cpus"] = str(value)
+    for host, value in memory.items():
+        limits.setdefault(host, {})["memory"] = parse_memory(value)
+    return limits
+
+
+def parse_memory(value: str | int) -> int:
+    """Bytes from 629145600, "600M", "2G" or "512K"; raises TestbedUsageError otherwise."""
+    match = re.fullmatch(r"(\d+)([KMG]?)", str(value).strip().upper())
+    if not match or int(match.group(1)) == 0:
+        raise TestbedUsageError(f"memory limit {value!r}: write it as bytes, or e.g. 600M, 2G")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+
+
+def _root_cpus() -> str:
+    return (CGROUP_ROOT / "cpuset" / "cpuset.cpus").read_text().strip()
+
+
+def _make_cpuset(directory: Path) -> None:
+    """Create a cpuset cgroup and its parents; a v1 cpuset takes no process until it has
+    CPUs and memory nodes, so each new level inherits its parent's."""
+    missing = []
+    for level in (directory, *directory.parents):
+        if level.is_dir():
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        level.mkdir()
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            _write_cgroup(level / name, (level.parent / name).read_text().strip())
+
+
+def _write_cgroup(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise TestbedEnvironmentError(
+            f"cannot write {value!r} to {path} ({exc.strerror}); the testbed needs root and the "
+            "cgroup v1 cpuset and memory controllers under /sys/fs/cgroup"
+        ) from exc
+
+
+def _read_cgroup(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    if text is None or not text.isdigit() or int(text) >= 1 << 60:
+        return None  # no cgroup, or v1's "no limit"
+    return int(text)
 
 
 def _parse_subnet(subnet: str) -> ipaddress.IPv4Network:
@@ -1126,6 +1265,25 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help=f"Number of hosts (default: {DEFAULT_HOSTS}, or what is running).",
     )
     up.add_argument(
+        "--pin",
+        action="store_true",
+        help="Give host i CPU i-1 (modulo the machine's CPUs) of its own; see --cpus.",
+    )
+    up.add_argument(
+        "--cpus",
+        type=_host_values,
+        metavar="H=CPUS,...",
+        default=None,
+        help="CPUs per host, e.g. h1=0,h2=1 (a cpuset cgroup each; wins over --pin).",
+    )
+    up.add_argument(
+        "--memory",
+        type=_host_values,
+        metavar="SIZE|H=SIZE,...",
+        default=None,
+        help="Memory limit of every host (600M) or per host (h1=600M,h2=300M), by cgroup.",
+    )
+    up.add_argument(
         "--inventory",
         type=Path,
         metavar="PATH",
@@ -1143,6 +1301,39 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _host_values(text: str) -> dict[str, str]:
+    """ "h1=0,h2=1" -> {"h1": "0", "h2": "1"}; a bare "600M" -> {"*": "600M"} (every host)."""
+    if "=" not in text:
+        return {"*": text}
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise argparse.ArgumentTypeError(f"write {text!r} as h1=VALUE,h2=VALUE")
+    return dict(pairs)
+
+
+def _host_limits(args: argparse.Namespace, count: int) -> tuple[dict | None, dict | None]:
+    """The --pin/--cpus/--memory of `up` as the Testbed's cpus and memory mappings."""
+    names = [f"h{i}" for i in range(1, count + 1)]
+    cpus = None
+    if args.pin:
+        available = _cpu_list(_root_cpus())
+        cpus = {name: str(available[i % len(available)]) for i, name in enumerate(names)}
+    if args.cpus:
+        cpus = {**(cpus or {}), **args.cpus}
+    memory = args.memory
+    if memory and "*" in memory:
+        memory = {name: memory["*"] for name in names}
+    return cpus, memory
+
+
+def _cpu_list(text: str) -> list[int]:
+    cpus: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus += range(int(low), int(high or low) + 1)
+    return cpus
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1151,7 +1342,7 @@ def _positive_int(text: str) -> int:
 
 
 def _format_table(statuses: Sequence[HostStatus]) -> str:
-    rows = [("HOST", "IP", "NETNS", "SSHD", "LINK", "SSH")]
+    rows = [("HOST", "IP", "NETNS", "SSHD", "LINK", "SSH", "CPUS", "MEMORY")]
     rows += [
         (
             s.name,
@@ -1160,6 +1351,8 @@ def _format_table(statuses: Sequence[HostStatus]) -> str:
             str(s.sshd_pid) if s.sshd_pid is not None else "-",
             "up" if s.link_up else "down",
             "ok" if s.reachable else "unreachable",
+            s.cpus or "all",
+            f"{s.memory_bytes / 2**20:.0f} MiB" if s.memory_bytes else "no limit",
         )
         for s in statuses
     ]
@@ -1236,11 +1429,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        cpus = memory = None
+        if args.command == "up":
+            count = args.hosts or len(Testbed(args.name, state_root=args.state_root).hosts)
+            cpus, memory = _host_limits(args, count)
         testbed = Testbed(
             args.name,
             hosts=getattr(args, "hosts", None),
             subnet=args.subnet,
             state_root=args.state_root,
+            cpus=cpus,
+            memory=memory,
         )
         return _COMMANDS[args.command](testbed, args)
     except Exception as exc:
