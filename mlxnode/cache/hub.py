@@ -86,7 +86,7 @@ def with_retries(
         max_retries: Further attempts after the first.
         backoff_base: Seconds before the first retry; doubles each time, with jitter.
         describe: Builds the error to raise from (exception, failure, attempts made).
-        download: `call` is an `hf_hub_download`, whose own retries `classify` accounts for.
+        download: `call` runs `download`, whose own retries `classify` accounts for.
     """
     attempt = 0
     while True:
@@ -119,8 +119,8 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float
 def classify(error: BaseException, *, download: bool = False) -> Failure | None:
     """What kind of failure `error` is, or None if it is not a download failure at all.
 
-    With `download`, `error` came out of `hf_hub_download`: a 408/429 there was already
-    retried by huggingface_hub with backoff and ``Retry-After``, so it is not retried again.
+    With `download`, `error` came out of `download`: a 408/429 there was already retried
+    by huggingface_hub with backoff and ``Retry-After``, so it is not retried again.
     """
     from huggingface_hub.errors import (
         HfHubHTTPError,

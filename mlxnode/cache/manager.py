@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_HASH_CHUNK = 4 * 1024 * 1024
-
 
 @dataclass
 class LocalModel:
@@ -447,7 +445,7 @@ class ModelCacheManager:
             if record.sha256 is None and old is not None and old.blob_id == record.blob_id:
                 record.sha256 = old.sha256
         entry.files = files
-        entry.resolved_at = layout.now()
+        entry.resolved_at = time.time()
         return commit, files
 
     def _model_info(self, paths: ModelPaths, revision: str) -> tuple[str, dict[str, FileRecord]]:
@@ -503,10 +501,10 @@ class ModelCacheManager:
                 split=None if plan.split is None else list(plan.split),
                 all_files=spec.all_files,
                 files=plan.files,
-                at=layout.now(),
+                at=time.time(),
             ),
         )
-        metadata.last_used = layout.now()
+        metadata.last_used = time.time()
         layout.write_metadata(model.paths, metadata)
         model.paths.write_ref(model.revision, model.commit)
 
@@ -598,7 +596,7 @@ class ModelCacheManager:
                 continue
             problem = _mismatch(staged, model.files.get(name), hash_it=True)
             if problem is not None:
-                logger.warning("%s: %s is wrong (%s)", model.paths.repo_id, name, problem)
+                logger.debug("%s: %s is wrong (%s)", model.paths.repo_id, name, problem)
                 staged.unlink()
                 problems[name] = f"downloaded {name} is wrong ({problem})"
                 continue
@@ -738,21 +736,6 @@ def local_model(path: str | os.PathLike[str]) -> LocalModel:
     )
 
 
-def hash_file(path: Path, *, git_blob: bool = False) -> tuple[str, str | None]:
-    """sha256 of the file, and (with `git_blob`) its git blob sha1, in one read."""
-    sha256 = hashlib.sha256()
-    sha1 = None
-    if git_blob:
-        sha1 = hashlib.sha1(usedforsecurity=False)
-        sha1.update(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            sha256.update(chunk)
-            if sha1 is not None:
-                sha1.update(chunk)
-    return sha256.hexdigest(), None if sha1 is None else sha1.hexdigest()
-
-
 def _mismatch(path: Path, record: FileRecord | None, *, hash_it: bool) -> str | None:
     """Why `path` does not match `record` (size, then hash if asked), or None if it does.
 
@@ -765,12 +748,18 @@ def _mismatch(path: Path, record: FileRecord | None, *, hash_it: bool) -> str | 
         return f"{size} bytes, expected {record.size}"
     if not hash_it:
         return None
-    check_blob = not record.lfs and record.blob_id is not None
-    sha256, blob = hash_file(path, git_blob=check_blob)
+    if record.lfs or record.blob_id is None:
+        with path.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    else:
+        # A small file git keeps itself: the Hub gives its git blob id, not a sha256.
+        data = path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+        if blob != record.blob_id:
+            return f"git blob {blob[:12]}..., expected {record.blob_id[:12]}..."
     if record.sha256 is not None and sha256 != record.sha256:
         return f"sha256 {sha256[:12]}..., expected {record.sha256[:12]}..."
-    if check_blob and blob != record.blob_id:
-        return f"git blob {blob[:12] if blob else '?'}..., expected {record.blob_id[:12]}..."
     if record.sha256 is None:
         record.sha256 = sha256
     return None
