@@ -65,8 +65,9 @@ class Progress:
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 self._counts = kwargs.get("unit") == "B"
                 if self._counts:
-                    # Binary units (KiB, MiB), like every other size mlxnode shows.
-                    kwargs.update(unit="iB", unit_divisor=1024)
+                    # Binary units (KiB, MiB), like every other size mlxnode shows; tqdm's
+                    # own layout, as huggingface_hub's writes a decimal "B" after the number.
+                    kwargs.update(unit="iB", unit_divisor=1024, bar_format=None)
                 draw = progress.enabled and progress._terminal
                 super().__init__(*args, **{**kwargs, "disable": not draw, "file": progress._stream})
 
