@@ -45,7 +45,7 @@ os.environ.pop("HF_TOKEN", None)
 from huggingface_hub import snapshot_download  # noqa: E402
 
 from mlxnode import sharding  # noqa: E402
-from mlxnode.cache import ModelCacheManager  # noqa: E402
+from mlxnode.cache import ModelCacheManager, RankSpec  # noqa: E402
 from mlxnode.formatting import format_bytes  # noqa: E402
 from tests.support.hubserver import HubServer, parse_rate  # noqa: E402
 from tests.support.real_model import real_model  # noqa: E402
@@ -135,7 +135,7 @@ def _bytes_per_rank(hub: HubServer, repo: str, shape: Shape, tensors: dict) -> l
             hub.stats.reset()
             cache = Path(tempfile.mkdtemp(dir=_SCRATCH, prefix="bytes."))
             _manager(hub, cache).ensure_model(
-                repo, ranks=[rank], world_size=world_size, strategy="pipeline"
+                repo, RankSpec(ranks=[rank], world_size=world_size, strategy="pipeline")
             )
             start, end = sharding.layer_range(shape.num_layers, rank, world_size)
             layer_share = sum(tensors["layers"][layer] for layer in range(start, end))
@@ -167,7 +167,7 @@ def _prewarm_times(endpoint: str, repo: str, repeats: int) -> list[dict]:
         cache = Path(tempfile.mkdtemp(dir=_SCRATCH, prefix="rank."))
         manager = ModelCacheManager(cache, endpoint=endpoint, progress=False)
         started = time.perf_counter()
-        manager.ensure_model(repo, ranks=[rank], world_size=4, strategy="pipeline")
+        manager.ensure_model(repo, RankSpec(ranks=[rank], world_size=4, strategy="pipeline"))
         return time.perf_counter() - started
 
     snapshot()  # warm the server's hash cache and the client's connection pool

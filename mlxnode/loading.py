@@ -258,14 +258,16 @@ def _materialise(
 
 def _fetch_weights(config: Config, name: str, plan: ShardPlan, rank: int, world_size: int) -> Path:
     """Fetch (or find cached) the weight files this rank's part of `plan` needs."""
-    local = cache_manager(config).ensure_model(
-        name,
-        revision=config.model.revision,
+    from .cache import RankSpec
+
+    spec = RankSpec(
         ranks=(rank,),
         world_size=world_size,
         strategy=PIPELINE if plan.strategy == PIPELINE else TENSOR,
         split=plan.split,
-        force=config.cache.force_download,
+    )
+    local = cache_manager(config).ensure_model(
+        name, spec, revision=config.model.revision, force=config.cache.force_download
     )
     logger.info(
         "model files ready in %s (%d fetched, %s, %.1fs)",

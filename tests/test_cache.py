@@ -6,6 +6,7 @@ behaviour from real `mlxnode` subprocesses, crashes from real SIGKILLs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from filelock import FileLock
 from mlx_lm.utils import load_model
 
 from mlxnode import sharding
-from mlxnode.cache import ModelCacheManager
+from mlxnode.cache import ModelCacheManager, RankSpec
 from mlxnode.cache import hub as cache_hub
 from mlxnode.cache import progress as cache_progress
 from mlxnode.cache.layout import ModelPaths, validate_repo_id, validate_revision
@@ -153,11 +154,13 @@ def test_pipeline_rank_fetches_only_its_files(hub, tmp_path, world_size, split, 
         hub.stats.reset()
         model = _manager(hub, tmp_path / f"rank{rank}").ensure_model(
             TINY_LLAMA,
-            ranks=[rank],
-            world_size=world_size,
-            strategy="pipeline",
-            split=split,
-            weights=weights,
+            RankSpec(
+                ranks=[rank],
+                world_size=world_size,
+                strategy="pipeline",
+                split=split,
+                weights=weights,
+            ),
         )
         start, end = sharding.layer_range(8, rank, world_size, split=counts)
         expected = _expected_shards(start, end)
@@ -170,20 +173,22 @@ def test_pipeline_rank_fetches_only_its_files(hub, tmp_path, world_size, split, 
 
 
 def test_ranks_on_one_host_get_the_union(manager):
-    model = manager.ensure_model(TINY_LLAMA, ranks=[0, 2], world_size=4, strategy="pipeline")
+    model = manager.ensure_model(
+        TINY_LLAMA, RankSpec(ranks=[0, 2], world_size=4, strategy="pipeline")
+    )
     # rank 0: layers 6-7 (shards 1, 4); rank 2: layers 2-3 (+ shard 2).
     assert _weights(model.files) == {SHARDS[0], SHARDS[1], SHARDS[3]}
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "auto"])
 def test_tensor_and_auto_fetch_every_weight_file(manager, strategy):
-    model = manager.ensure_model(TINY_LLAMA, ranks=[1], world_size=2, strategy=strategy)
+    model = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[1], world_size=2, strategy=strategy))
     assert _weights(model.files) == set(SHARDS)
 
 
 def test_all_files_fetches_everything_even_for_a_pipeline_rank(manager, hub):
     model = manager.ensure_model(
-        TINY_LLAMA, ranks=[0], world_size=4, strategy="pipeline", all_files=True
+        TINY_LLAMA, RankSpec(ranks=[0], world_size=4, strategy="pipeline", all_files=True)
     )
     published = sorted(p.name for p in (hub.root / TINY_LLAMA).iterdir())
     assert sorted(model.files) == published
@@ -192,7 +197,7 @@ def test_all_files_fetches_everything_even_for_a_pipeline_rank(manager, hub):
 def test_single_file_model_gives_every_rank_the_one_file(hub, tmp_path):
     for rank in range(2):
         model = _manager(hub, tmp_path / f"r{rank}").ensure_model(
-            TINY_SINGLE, ranks=[rank], world_size=2, strategy="pipeline"
+            TINY_SINGLE, RankSpec(ranks=[rank], world_size=2, strategy="pipeline")
         )
         assert _weights(model.files) == {"model.safetensors"}
 
@@ -212,9 +217,9 @@ def test_fetch_metadata_fetches_no_weights(manager, hub):
 
 
 def test_second_prewarm_fetches_nothing(manager, hub):
-    first = manager.ensure_model(TINY_LLAMA, ranks=[1], world_size=2, strategy="pipeline")
+    first = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[1], world_size=2, strategy="pipeline"))
     hub.stats.reset()
-    again = manager.ensure_model(TINY_LLAMA, ranks=[1], world_size=2, strategy="pipeline")
+    again = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[1], world_size=2, strategy="pipeline"))
     assert first.fetched_files and again.fetched_files == [] and again.fetched_bytes == 0
     assert hub.stats.file_gets() == 0 and hub.stats.file_heads() == 0
     assert again.path == first.path and again.files == first.files
@@ -229,7 +234,7 @@ def test_a_pinned_commit_needs_no_hub_once_cached(manager, hub):
 
 
 def test_metadata_records_commit_sizes_hashes_and_prewarm(manager, hub, cache_dir):
-    model = manager.ensure_model(TINY_LLAMA, ranks=[0], world_size=2, strategy="pipeline")
+    model = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[0], world_size=2, strategy="pipeline"))
     paths = ModelPaths(cache_dir, TINY_LLAMA)
     assert model.commit == hub.commit_sha(TINY_LLAMA)
     assert paths.ref("main").read_text().strip() == model.commit
@@ -279,7 +284,8 @@ def test_model_info_429_waits_retry_after(manager, hub):
     started = time.monotonic()
     manager.ensure_model(TINY_SINGLE)
     assert time.monotonic() - started >= 1.0
-    assert hub.stats.count("/api/models/*") == 2
+    # model_info only (snapshot_download also lists the commit's tree, under /tree/).
+    assert hub.stats.count("/api/models/*/revision/*") == 2
 
 
 def test_retry_after_is_capped(manager, hub, monkeypatch):
@@ -401,11 +407,13 @@ def test_bad_revisions_are_refused(bad):
 
 def test_bad_rank_specs_are_usage_errors(manager):
     with pytest.raises(UsageError, match="outside 0..3"):
-        manager.ensure_model(TINY_LLAMA, ranks=[4], world_size=4, strategy="pipeline")
+        manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[4], world_size=4, strategy="pipeline"))
     with pytest.raises(UsageError, match="sums to 7"):
-        manager.ensure_model(TINY_LLAMA, ranks=[0], world_size=2, strategy="pipeline", split=[4, 3])
+        manager.ensure_model(
+            TINY_LLAMA, RankSpec(ranks=[0], world_size=2, strategy="pipeline", split=[4, 3])
+        )
     with pytest.raises(UsageError, match="strategy"):
-        manager.ensure_model(TINY_LLAMA, strategy="diagonal")
+        manager.ensure_model(TINY_LLAMA, RankSpec(strategy="diagonal"))
 
 
 # -- locks, crashes, concurrency
@@ -441,9 +449,10 @@ def test_sigkill_mid_file_then_rerun_gives_a_correct_cache(hub, cache_dir):
     finally:
         proc.wait(timeout=10)
     root = ModelPaths(cache_dir, TINY_LLAMA).root
-    # The half-downloaded file exists only as huggingface_hub's .incomplete in staging.
-    assert list(root.glob(".staging/*/.cache/huggingface/download/*.incomplete"))
+    # The half-downloaded file is not in the snapshot, and what is there is whole.
     assert not list(root.glob(f"snapshots/*/{SHARDS[1]}"))
+    for path in root.glob("snapshots/*/*"):
+        assert _sha256(path) == _sha256(_hub_file(hub, TINY_LLAMA, path.name)), path.name
 
     rerun = _cli(hub, cache_dir, "prewarm", TINY_LLAMA, "--json", "--quiet")
     assert rerun.returncode == 0, rerun.stderr
@@ -451,7 +460,8 @@ def test_sigkill_mid_file_then_rerun_gives_a_correct_cache(hub, cache_dir):
     assert SHARDS[1] in result["fetched"] and result["changed"] is True
     verify = _cli(hub, cache_dir, "verify", TINY_LLAMA)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert not list(root.rglob("*.incomplete"))
+    # Nothing of the killed download is left anywhere in the model's directory.
+    assert not list(root.rglob("*.incomplete")) and not (root / ".staging").exists()
 
 
 def test_two_concurrent_prewarms_into_one_cache(hub, cache_dir):
@@ -484,13 +494,13 @@ def test_two_concurrent_prewarms_into_one_cache(hub, cache_dir):
 
 
 def test_offline_uses_only_the_cache_and_lists_missing_files(manager, hub, cache_dir):
-    manager.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
+    manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[3], world_size=4, strategy="pipeline"))
     hub.stats.reset()
     offline = _manager(hub, cache_dir, offline=True)
-    model = offline.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
+    model = offline.ensure_model(TINY_LLAMA, RankSpec(ranks=[3], world_size=4, strategy="pipeline"))
     assert model.fetched_files == [] and hub.stats.count() == 0
     with pytest.raises(CacheError, match=f"offline.*{SHARDS[2]}") as excinfo:
-        offline.ensure_model(TINY_LLAMA, ranks=[1], world_size=4, strategy="pipeline")
+        offline.ensure_model(TINY_LLAMA, RankSpec(ranks=[1], world_size=4, strategy="pipeline"))
     assert SHARDS[1] not in str(excinfo.value)
     with pytest.raises(CacheError, match="not in the cache"):
         offline.ensure_model(TINY_QWEN2)
@@ -553,14 +563,14 @@ def test_the_ref_moves_only_once_the_new_commit_is_complete(hub, cache_dir):
 
 
 def test_offline_names_a_truncated_file_with_its_size(manager, hub, cache_dir):
-    model = manager.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
+    model = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[3], world_size=4, strategy="pipeline"))
     target = model.path / SHARDS[3]
     size = target.stat().st_size
     with target.open("r+b") as f:
         f.truncate(size // 2)
     offline = _manager(hub, cache_dir, offline=True)
     with pytest.raises(CacheError) as excinfo:
-        offline.ensure_model(TINY_LLAMA, ranks=[3], world_size=4, strategy="pipeline")
+        offline.ensure_model(TINY_LLAMA, RankSpec(ranks=[3], world_size=4, strategy="pipeline"))
     assert f"1 of the wrong size: {SHARDS[3]} ({size // 2} bytes, expected {size})" in str(
         excinfo.value
     )
@@ -756,23 +766,40 @@ def test_quiet_shows_no_progress(hub, cache_dir, caplog, monkeypatch):
     assert not [r for r in caplog.records if r.name == "mlxnode.cache.progress"]
 
 
-def test_progress_draws_bars_on_a_terminal():
-    import io
+def test_progress_draws_bars_on_a_terminal(hub, cache_dir):
+    """huggingface_hub's bars, drawn through our tqdm class, reach a terminal on stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+    from tqdm import tqdm
 
-    stream = Terminal()
-    progress = cache_progress.Progress(2_000_000, label="m", stream=stream)
-    with progress.file_bar("a.safetensors")(total=2_000_000, desc="a") as bar:
-        bar.update(1_000_000)
-        progress.restart("a.safetensors")
-        bar.update(2_000_000)
-    progress.close()
-    assert progress.done == 2_000_000
-    # Binary units, as everywhere in mlxnode: 2,000,000 bytes are 1.91 MiB.
-    assert "a.safetensors" in stream.getvalue() and "1.91M/1.91M" in stream.getvalue()
+    controller, terminal = pty.openpty()
+    # A terminal of no width gets empty bars: give it the size a real one has.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mlxnode", "cache", "prewarm", TINY_SINGLE],
+            env=_cli_env(hub, cache_dir),
+            cwd=cache_dir.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=60,
+        )
+        os.close(terminal)
+        drawn = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(controller, 65536):
+                drawn += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0
+    size = _hub_file(hub, TINY_SINGLE, "model.safetensors").stat().st_size
+    # Binary units, as everywhere in mlxnode.
+    shown = tqdm.format_sizeof(size, divisor=1024)
+    assert f"{shown}/{shown}" in drawn.decode(), drawn
 
 
 # -- the CLI
@@ -820,7 +847,7 @@ def test_prewarm_pipeline_without_a_rank_is_a_usage_error(hub, cache_dir):
 
 
 def test_list_and_size_report_what_is_cached(manager, hub, cache_dir):
-    manager.ensure_model(TINY_LLAMA, ranks=[0, 1], world_size=4, strategy="pipeline")
+    manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[0, 1], world_size=4, strategy="pipeline"))
     listing = json.loads(_cli(hub, cache_dir, "list", "--json").stdout)
     (model,) = listing["models"]
     (commit,) = model["commits"]

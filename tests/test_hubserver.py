@@ -154,6 +154,32 @@ def test_allow_patterns_fetches_only_matching_files(hub, cache, repo_files):
     assert hub.stats.bytes_sent == sum(len(repo_files[p]) for p in json_files)
 
 
+def test_local_dir_download_of_exact_names_at_a_commit(hub, tmp_path, repo_files):
+    """What mlxnode's cache relies on: plain files, only the names asked for, one listing."""
+    commit = hub.commit_sha(REPO)
+    wanted = [SHARDS[1], "config.json"]
+    staging = tmp_path / "staging"
+    kwargs = dict(revision=commit, local_dir=staging, endpoint=hub.endpoint, token=False)
+
+    snapshot_download(REPO, allow_patterns=wanted, **kwargs)
+
+    for name in wanted:
+        path = staging / name
+        assert not path.is_symlink() and path.read_bytes() == repo_files[name]
+    assert hub.stats.file_gets() == len(wanted) and hub.stats.file_gets(f"*/{SHARDS[0]}") == 0
+    # A commit needs no revision lookup; the tree listing is the only API call.
+    assert hub.stats.count("/api/models/*") == hub.stats.count("/api/models/*/tree/*") == 1
+
+    # A 5xx on a body surfaces from snapshot_download as it does from hf_hub_download,
+    # after the other files of the batch arrived.
+    hub.faults.add(f"*/{SHARDS[2]}", "status", status=503, times=1)
+    with pytest.raises(HfHubHTTPError) as excinfo:
+        snapshot_download(REPO, allow_patterns=[SHARDS[0], SHARDS[2]], **kwargs)
+    assert excinfo.value.response.status_code == 503
+    assert (staging / SHARDS[0]).read_bytes() == repo_files[SHARDS[0]]
+    assert not (staging / SHARDS[2]).exists()
+
+
 def test_model_info_reports_sizes_and_lfs_sha256(hub, repo_files):
     api = HfApi(endpoint=hub.endpoint, token=False)
 

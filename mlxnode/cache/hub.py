@@ -1,14 +1,14 @@
-"""Calls to the Hub through huggingface_hub, with the retries it lacks and clear errors.
+"""Calls to the Hub through huggingface_hub's public API, with the retries it lacks.
 
-What huggingface_hub 2.4.0 already retries by itself (pinned in tests/test_hubserver.py):
+Files come through `snapshot_download(local_dir=..., allow_patterns=...)`: eight at a
+time, each written whole through a temporary file of its own or not at all. What
+huggingface_hub 2.4 retries by itself (pinned in tests/test_hubserver.py):
 
-* the HEAD before each `hf_hub_download`: on 408/429/5xx, timeouts and refused
-  connections, one plain attempt then up to 5 retries (1, 2, 4, 8, 8 s; ``Retry-After``
-  + 1 s on 429), then `LocalEntryNotFoundError` - but no retry at all under
-  ``force_download=True``;
+* the HEAD before each file: on 408/429/5xx, timeouts and refused connections, one
+  plain attempt then up to 5 retries (1, 2, 4, 8, 8 s; ``Retry-After`` + 1 s on 429),
+  then `LocalEntryNotFoundError` - but no retry at all under ``force_download=True``;
 * the GET of the body: 408/429 up to 5 retries as above; a refused connection, a
-  timeout or a body cut short (FIN) up to 5 times, 1 s apart (restarting the file
-  unless 10 MiB had arrived);
+  timeout or a body cut short (FIN) up to 5 times, 1 s apart;
 * nothing else: not `HfApi.model_info`, not a 5xx on the GET, not a TCP reset.
 
 So this module retries (bounded by ``max_retries``, exponential backoff from
@@ -25,11 +25,12 @@ failed HEAD, and a 408/429 on the GET.
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -85,7 +86,7 @@ def with_retries(
         max_retries: Further attempts after the first.
         backoff_base: Seconds before the first retry; doubles each time, with jitter.
         describe: Builds the error to raise from (exception, failure, attempts made).
-        download: `call` is an `hf_hub_download`, whose own retries `classify` accounts for.
+        download: `call` runs `download`, whose own retries `classify` accounts for.
     """
     attempt = 0
     while True:
@@ -118,8 +119,8 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float
 def classify(error: BaseException, *, download: bool = False) -> Failure | None:
     """What kind of failure `error` is, or None if it is not a download failure at all.
 
-    With `download`, `error` came out of `hf_hub_download`: a 408/429 there was already
-    retried by huggingface_hub with backoff and ``Retry-After``, so it is not retried again.
+    With `download`, `error` came out of `download`: a 408/429 there was already retried
+    by huggingface_hub with backoff and ``Retry-After``, so it is not retried again.
     """
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -156,8 +157,9 @@ def classify(error: BaseException, *, download: bool = False) -> Failure | None:
         return Failure(True, False, f"{type(error).__name__}: {detail}")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return Failure(False, False, "no space left on device")
-    if isinstance(error, OSError) and "Consistency check failed" in str(error):
-        return Failure(True, False, "truncated body (size mismatch)")
+    if download and type(error) is OSError and error.errno is None:
+        # Not the file system (that sets errno): huggingface_hub's size check of a body.
+        return Failure(True, False, _first_line(error) or "download failed")
     return None
 
 
@@ -227,6 +229,37 @@ def describe_error(
     if failure.retried_by_hub:
         tries = " (after huggingface_hub's own retries)"
     return fail(f"could not download {what} from {endpoint}{tries}: {failure.reason}")
+
+
+def download(
+    repo_id: str,
+    commit: str,
+    names: Sequence[str],
+    *,
+    into: Path,
+    token: str | None,
+    endpoint: str,
+    force: bool,
+    tqdm_class: type | None,
+) -> None:
+    """Download the repo files `names` at `commit` into the folder `into`, 8 at a time.
+
+    A file appears in `into` only once whole; huggingface_hub keeps its bookkeeping (and
+    the partial files of a killed run) under ``into/.cache``, so callers remove `into`.
+    """
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(
+        repo_id,
+        revision=commit,
+        local_dir=into,
+        # Exact names: escape the characters fnmatch would read as a pattern.
+        allow_patterns=[glob.escape(name) for name in names],
+        token=token,
+        endpoint=endpoint,
+        force_download=force,
+        tqdm_class=tqdm_class,
+    )
 
 
 def check_free_space(where: Path, needed: int, *, repo_id: str) -> None:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -319,7 +318,3 @@ def disk_usage(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
-
-
-def now() -> float:
-    return time.time()

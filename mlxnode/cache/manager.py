@@ -8,8 +8,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import CacheError, ModelDownloadError
 from ..formatting import format_bytes
-from . import layout
-from .hub import (
-    TransientError,
-    check_free_space,
-    describe_error,
-    with_retries,
-)
+from . import hub, layout
+from .hub import TransientError, check_free_space, describe_error, with_retries
 from .layout import FileRecord, ModelMetadata, ModelPaths, PrewarmRecord
 from .plan import CONFIG_FILE, INDEX_FILE, FilePlan, RankSpec, metadata_files, plan_files, read_json
 from .progress import Progress
@@ -32,10 +26,6 @@ if TYPE_CHECKING:
     from ..config import Config
 
 logger = logging.getLogger(__name__)
-
-# Files downloaded at once, like huggingface_hub's snapshot_download.
-MAX_WORKERS = 8
-_HASH_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass
@@ -49,6 +39,7 @@ class LocalModel:
     fetched_bytes: int
     fetched_files: list[str]
     seconds: float
+    sizes: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +91,30 @@ class CachedModel:
     size_bytes: int
     last_used: float | None
     commits: list[CachedCommit]
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """One resolved commit of a model: where it lives and what the Hub says it holds."""
+
+    paths: ModelPaths
+    revision: str
+    commit: str
+    files: dict[str, FileRecord]
+    metadata: ModelMetadata
+
+    @property
+    def snapshot(self) -> Path:
+        return self.paths.snapshot(self.commit)
+
+    def file(self, name: str) -> Path:
+        return self.paths.file(self.commit, name)
+
+    def present(self, name: str) -> bool:
+        """In the snapshot, with the size the Hub gives (if it gives one)."""
+        size = _size(self.file(name))
+        record = self.files.get(name)
+        return size is not None and (record is None or record.size in (None, size))
 
 
 class ModelCacheManager:
@@ -173,56 +188,21 @@ class ModelCacheManager:
             CacheError: offline and the files are not cached or a weight file has the wrong
                 size, or the lock timed out.
         """
-        paths = self._paths(repo_id)
-        layout.validate_revision(revision)
-        with self._locked(paths):
-            metadata = layout.read_metadata(paths)
-            commit, files = self._resolve(paths, revision, metadata)
-            self._fetch(paths, revision, commit, files, metadata_files(files), force=False)
-            self._drop_damaged_weights(paths, commit, files)
-            layout.write_metadata(paths, metadata)
-        return paths.snapshot(commit)
-
-    def _drop_damaged_weights(
-        self, paths: ModelPaths, commit: str, files: dict[str, FileRecord]
-    ) -> None:
-        for name, record in sorted(files.items()):
-            target = paths.file(commit, name)
-            size = _size(target)
-            if not name.endswith(".safetensors") or None in (size, record.size):
-                continue
-            if size == record.size:
-                continue
-            if self.offline:
-                raise CacheError(
-                    f"cached file {target} is {size} bytes, expected {record.size} (cut "
-                    f"short?); run `mlxnode cache prewarm {paths.repo_id} --force-download` "
-                    "while online",
-                    path=str(target),
-                )
-            logger.warning(
-                "discarding %s: %d bytes, expected %d; it is fetched again",
-                target,
-                size,
-                record.size,
-            )
-            target.unlink()
+        with self._resolved(repo_id, revision) as model:
+            self._fetch(model, metadata_files(model.files), force=False)
+            self._drop_damaged_weights(model)
+        return model.snapshot
 
     def ensure_model(
         self,
         repo_id: str,
+        spec: RankSpec | None = None,
         *,
         revision: str = "main",
-        ranks: Sequence[int] = (0,),
-        world_size: int = 1,
-        strategy: str = "tensor",
-        split: Sequence[int] | None = None,
-        weights: Sequence[float] | None = None,
-        all_files: bool = False,
         force: bool = False,
         verify_hashes: bool = False,
     ) -> LocalModel:
-        """Make the files `ranks` need present and verified; return where they are.
+        """Make the files `spec`'s ranks need present and verified; return where they are.
 
         Metadata comes first; then, for a pipeline, only the weight files holding the
         ranks' layers plus the non-layer weights; for tensor parallelism (or
@@ -230,111 +210,64 @@ class ModelCacheManager:
 
         Args:
             repo_id: Hub repo, ``org/name``.
+            spec: The ranks this host runs and how the model is split (default: rank 0 of 1).
             revision: Branch, tag or commit.
-            ranks: The ranks this host runs (their files are unioned).
-            world_size: Number of ranks in total.
-            strategy: ``pipeline``, ``tensor`` or ``auto``.
-            split: Layers per rank, in rank order (pipeline).
-            weights: Relative memory per rank; layers are split in proportion.
-            all_files: Fetch every file of the repo.
             force: Fetch the needed files again even if cached.
             verify_hashes: Re-hash every needed file before returning (slow for big models).
 
         Raises:
-            UsageError: bad ranks, strategy or split.
+            UsageError: the split does not fit the model.
             ModelDownloadError: the Hub refused or failed, or the disk is full.
             CacheError: offline with files missing, a file does not match its metadata,
                 or the lock timed out.
         """
         started = time.monotonic()
-        spec = RankSpec.make(ranks, world_size, strategy, split, weights, all_files)
-        paths = self._paths(repo_id)
-        layout.validate_revision(revision)
-        with self._locked(paths):
-            metadata = layout.read_metadata(paths)
-            commit, files = self._resolve(paths, revision, metadata)
-            fetched = self._fetch(
-                paths, revision, commit, files, metadata_files(files), force=force
-            )
-            plan = self._plan(paths, commit, files, spec)
-            fetched += self._fetch(paths, revision, commit, files, list(plan.weights), force=force)
-            self._check(paths, commit, files, plan.files, verify_hashes=verify_hashes)
-            metadata.record_prewarm(
-                commit,
-                PrewarmRecord(
-                    ranks=list(spec.ranks),
-                    world_size=spec.world_size,
-                    strategy=spec.strategy,
-                    split=None if plan.split is None else list(plan.split),
-                    all_files=spec.all_files,
-                    files=plan.files,
-                    at=layout.now(),
-                ),
-            )
-            metadata.last_used = layout.now()
-            layout.write_metadata(paths, metadata)
-            paths.write_ref(revision, commit)
-        fetched_bytes = sum(files[f].size or 0 for f in fetched)
+        spec = spec or RankSpec()
+        with self._resolved(repo_id, revision) as model:
+            fetched = self._fetch(model, metadata_files(model.files), force=force)
+            plan = self._plan(model, spec)
+            fetched += self._fetch(model, list(plan.weights), force=force)
+            self._check(model, plan.files, verify_hashes=verify_hashes)
+            self._record_prewarm(model, spec, plan)
         return LocalModel(
-            path=paths.snapshot(commit),
+            path=model.snapshot,
             repo_id=repo_id,
-            commit=commit,
+            commit=model.commit,
             files=plan.files,
-            fetched_bytes=fetched_bytes,
+            fetched_bytes=sum(model.files[f].size or 0 for f in fetched),
             fetched_files=fetched,
             seconds=time.monotonic() - started,
+            sizes=_sizes(model, plan.files),
         )
 
     def plan(
-        self,
-        repo_id: str,
-        *,
-        revision: str = "main",
-        ranks: Sequence[int] = (0,),
-        world_size: int = 1,
-        strategy: str = "tensor",
-        split: Sequence[int] | None = None,
-        weights: Sequence[float] | None = None,
-        all_files: bool = False,
+        self, repo_id: str, spec: RankSpec | None = None, *, revision: str = "main"
     ) -> ModelPlan:
-        """The files `ranks` would need, fetching metadata but no weights (``--dry-run``)."""
-        spec = RankSpec.make(ranks, world_size, strategy, split, weights, all_files)
-        paths = self._paths(repo_id)
-        layout.validate_revision(revision)
-        with self._locked(paths):
-            metadata = layout.read_metadata(paths)
-            commit, files = self._resolve(paths, revision, metadata)
-            self._fetch(paths, revision, commit, files, metadata_files(files), force=False)
-            layout.write_metadata(paths, metadata)
-            plan = self._plan(paths, commit, files, spec)
-        cached = {f for f in plan.files if self._present(paths, commit, f, files.get(f))}
+        """The files `spec`'s ranks would need, fetching metadata but no weights (``--dry-run``)."""
+        spec = spec or RankSpec()
+        with self._resolved(repo_id, revision) as model:
+            self._fetch(model, metadata_files(model.files), force=False)
+            plan = self._plan(model, spec)
         return ModelPlan(
-            path=paths.snapshot(commit),
+            path=model.snapshot,
             repo_id=repo_id,
-            commit=commit,
+            commit=model.commit,
             plan=plan,
-            sizes={f: files[f].size if f in files else None for f in plan.files},
-            cached=cached,
+            sizes=_sizes(model, plan.files),
+            cached={f for f in plan.files if model.present(f)},
         )
 
     def verify(
-        self,
-        repo_id: str,
-        *,
-        revision: str = "main",
-        ranks: Sequence[int] = (0,),
-        world_size: int = 1,
-        strategy: str = "tensor",
-        split: Sequence[int] | None = None,
-        weights: Sequence[float] | None = None,
-        all_files: bool = False,
+        self, repo_id: str, spec: RankSpec | None = None, *, revision: str = "main"
     ) -> VerifyReport:
-        """Re-hash the cached files `ranks` need against the recorded metadata; never downloads.
+        """Re-hash the cached files `spec`'s ranks need against the recorded metadata.
+
+        Never downloads.
 
         Raises:
             CacheError: the model (or revision) is not in the cache at all.
         """
-        spec = RankSpec.make(ranks, world_size, strategy, split, weights, all_files)
+        spec = spec or RankSpec()
         paths = self._paths(repo_id)
         layout.validate_revision(revision)
         metadata = layout.read_metadata(paths)
@@ -345,21 +278,19 @@ class ModelCacheManager:
                 f"run `mlxnode cache prewarm {repo_id}` first",
                 path=str(paths.root),
             )
-        files = metadata.commits[commit].files
-        report = VerifyReport(path=paths.snapshot(commit), repo_id=repo_id, commit=commit)
-        meta = metadata_files(files)
+        model = _Commit(paths, revision, commit, metadata.commits[commit].files, metadata)
+        report = VerifyReport(path=model.snapshot, repo_id=repo_id, commit=commit)
         try:
-            wanted = self._plan(paths, commit, files, spec).files
+            wanted = self._plan(model, spec).files
         except CacheError:
-            wanted = sorted(files) if spec.all_files else meta
+            wanted = sorted(model.files) if spec.all_files else metadata_files(model.files)
         for name in wanted:
-            record = files.get(name)
-            target = paths.file(commit, name)
+            target = model.file(name)
             if not target.is_file():
                 report.missing.append(name)
                 continue
             report.checked.append(name)
-            problem = _mismatch(target, record, hash_it=True)
+            problem = _mismatch(target, model.files.get(name), hash_it=True)
             if problem is not None:
                 report.corrupt[name] = problem
         return report
@@ -458,10 +389,28 @@ class ModelCacheManager:
         finally:
             lock.release()
 
+    @contextmanager
+    def _resolved(self, repo_id: str, revision: str) -> Iterator[_Commit]:
+        """Under the model's lock: the commit `revision` names, from the Hub or the cache."""
+        paths = self._paths(repo_id)
+        layout.validate_revision(revision)
+        with self._locked(paths):
+            metadata = layout.read_metadata(paths)
+            commit, files = self._resolve(paths, revision, metadata)
+            # Written before any model file, so `cache list` and `clear` know the directory.
+            layout.write_metadata(paths, metadata)
+            yield _Commit(paths, revision, commit, files, metadata)
+            # Again, with the sha256 of small files learned while verifying them.
+            layout.write_metadata(paths, metadata)
+
     def _resolve(
         self, paths: ModelPaths, revision: str, metadata: ModelMetadata
     ) -> tuple[str, dict[str, FileRecord]]:
-        """The commit `revision` names and its files, from the Hub or (offline) the cache."""
+        """The commit `revision` names and its files, from the Hub or (offline) the cache.
+
+        Records what the Hub said in `metadata`; the ref moves only once a snapshot of the
+        commit is complete (`ensure_model`): until then offline runs keep the previous one.
+        """
         cached_commit = paths.read_ref(revision)
         cached = metadata.commits.get(cached_commit) if cached_commit else None
         if self.offline:
@@ -496,10 +445,7 @@ class ModelCacheManager:
             if record.sha256 is None and old is not None and old.blob_id == record.blob_id:
                 record.sha256 = old.sha256
         entry.files = files
-        entry.resolved_at = layout.now()
-        # The ref moves only once a snapshot of `commit` is complete (`ensure_model`): until
-        # then offline runs keep using the previous commit, which is whole.
-        layout.write_metadata(paths, metadata)
+        entry.resolved_at = time.time()
         return commit, files
 
     def _model_info(self, paths: ModelPaths, revision: str) -> tuple[str, dict[str, FileRecord]]:
@@ -528,175 +474,192 @@ class ModelCacheManager:
             )
         return commit, files
 
-    def _plan(
-        self, paths: ModelPaths, commit: str, files: dict[str, FileRecord], spec: RankSpec
-    ) -> FilePlan:
-        snapshot = paths.snapshot(commit)
-        config = read_json(snapshot / CONFIG_FILE, what=CONFIG_FILE) or {}
+    def _plan(self, model: _Commit, spec: RankSpec) -> FilePlan:
+        config = read_json(model.file(CONFIG_FILE), what=CONFIG_FILE) or {}
         index = None
-        if INDEX_FILE in files:
-            index = read_json(snapshot / INDEX_FILE, what=INDEX_FILE)
+        if INDEX_FILE in model.files:
+            index = read_json(model.file(INDEX_FILE), what=INDEX_FILE)
             if index is None:
                 raise CacheError(
-                    f"{INDEX_FILE} of {paths.repo_id} is not in {snapshot}; run "
-                    f"`mlxnode cache prewarm {paths.repo_id}` while online",
-                    path=str(snapshot),
+                    f"{INDEX_FILE} of {model.paths.repo_id} is not in {model.snapshot}; run "
+                    f"`mlxnode cache prewarm {model.paths.repo_id}` while online",
+                    path=str(model.snapshot),
                 )
-        return plan_files(spec, repo_files=files, config=config, index=index, repo_id=paths.repo_id)
+        return plan_files(
+            spec, repo_files=model.files, config=config, index=index, repo_id=model.paths.repo_id
+        )
+
+    def _record_prewarm(self, model: _Commit, spec: RankSpec, plan: FilePlan) -> None:
+        """Record which ranks the commit is now complete for, then move the ref to it."""
+        metadata = model.metadata
+        metadata.record_prewarm(
+            model.commit,
+            PrewarmRecord(
+                ranks=list(spec.ranks),
+                world_size=spec.world_size,
+                strategy=spec.strategy,
+                split=None if plan.split is None else list(plan.split),
+                all_files=spec.all_files,
+                files=plan.files,
+                at=time.time(),
+            ),
+        )
+        metadata.last_used = time.time()
+        layout.write_metadata(model.paths, metadata)
+        model.paths.write_ref(model.revision, model.commit)
 
     # -- fetching files
 
-    def _present(
-        self, paths: ModelPaths, commit: str, name: str, record: FileRecord | None
-    ) -> bool:
-        try:
-            size = paths.file(commit, name).stat().st_size
-        except OSError:
-            return False
-        return record is None or record.size is None or size == record.size
+    def _fetch(self, model: _Commit, names: list[str], *, force: bool) -> list[str]:
+        """Download the `names` not yet in the snapshot (all with `force`); return them.
 
-    def _fetch(
-        self,
-        paths: ModelPaths,
-        revision: str,
-        commit: str,
-        files: dict[str, FileRecord],
-        names: list[str],
-        *,
-        force: bool,
-    ) -> list[str]:
-        """Download the `names` not yet in the snapshot (all with `force`); return them."""
-        todo = [n for n in names if force or not self._present(paths, commit, n, files.get(n))]
+        Files arrive in a staging folder and move into the snapshot only once their size
+        and sha256 match the Hub's; whatever else is left in staging is removed.
+        """
+        todo = [n for n in names if force or not model.present(n)]
         if not todo:
             return []
         if self.offline:
-            # A file of the wrong size (cut short by a full disk or a bad copy) is named as such.
-            damaged = [
-                f"{name} ({size} bytes, expected {files[name].size})"
-                for name in todo
-                if (size := _size(paths.file(commit, name))) is not None
-            ]
-            absent = [name for name in todo if _size(paths.file(commit, name)) is None]
-            found = ([f"{len(absent)} not cached: {', '.join(absent)}"] if absent else []) + (
-                [f"{len(damaged)} of the wrong size: {', '.join(damaged)}"] if damaged else []
-            )
-            raise CacheError(
-                f"offline mode is on and needed files of {paths.repo_id} in "
-                f"{paths.snapshot(commit)} are unusable: {'; '.join(found)}; run `mlxnode cache "
-                f"prewarm {paths.repo_id}` while online",
-                path=str(paths.snapshot(commit)),
-            )
-        staging = paths.staging(commit)
-        staging.mkdir(parents=True, exist_ok=True)
-        _discard_incomplete(paths.root / layout.STAGING_DIR)
-        needed = sum(files[n].size or 0 for n in todo)
-        check_free_space(paths.root, needed, repo_id=paths.repo_id)
+            raise self._offline_error(model, todo)
+        repo_id = model.paths.repo_id
+        needed = sum(model.files[n].size or 0 for n in todo)
+        check_free_space(model.paths.root, needed, repo_id=repo_id)
         logger.debug("fetching %d file(s), %s: %s", len(todo), format_bytes(needed), todo)
-        progress = Progress(
-            needed, label=f"{paths.repo_id} ({len(todo)} files)", enabled=self.progress
-        )
-        fetch_one = functools.partial(
-            self._fetch_one, paths, revision, commit, force=force, progress=progress, needed=needed
-        )
-        ok = False
-        try:
-            with ThreadPoolExecutor(
-                max_workers=min(MAX_WORKERS, len(todo)), thread_name_prefix="mlxnode-fetch"
-            ) as pool:
-                futures = [pool.submit(fetch_one, name, files[name]) for name in todo]
-                try:
-                    for future in as_completed(futures):
-                        future.result()
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-            ok = True
-        finally:
-            progress.close(ok=ok)
-        # Everything fetched is in the snapshot now; huggingface_hub's bookkeeping can go.
-        shutil.rmtree(staging, ignore_errors=True)
-        return todo
+        done: list[str] = []
+        staging = model.paths.staging(model.commit)
+        # A killed run may have left whole files there: keep those that verify.
+        self._promote(model, todo, staging, done)
+        shutil.rmtree(model.paths.root / layout.STAGING_DIR, ignore_errors=True)
+        progress = Progress(needed, label=f"{repo_id} ({len(todo)} files)", enabled=self.progress)
 
-    def _fetch_one(
-        self,
-        paths: ModelPaths,
-        revision: str,
-        commit: str,
-        name: str,
-        record: FileRecord,
-        *,
-        force: bool,
-        progress: Progress,
-        needed: int,
-    ) -> None:
-        """Download one file into staging, verify size and hash, then move it into the snapshot."""
-        from huggingface_hub import hf_hub_download
+        def missing() -> list[str]:
+            return [n for n in todo if n not in done]
 
-        staging = paths.staging(commit)
-        target = paths.file(commit, name)
-        refetch = [force]
-
-        def attempt() -> Path:
-            progress.restart(name)
-            staged = Path(
-                hf_hub_download(
-                    paths.repo_id,
-                    name,
-                    revision=commit,
-                    local_dir=staging,
+        def attempt() -> None:
+            left = missing()
+            tqdm_class = progress.attempt(sum(model.files[n].size or 0 for n in done))
+            try:
+                hub.download(
+                    repo_id,
+                    model.commit,
+                    left,
+                    into=staging,
                     token=self._token,
                     endpoint=self.endpoint,
-                    force_download=refetch[0],
-                    tqdm_class=progress.file_bar(name),
+                    force=force,
+                    tqdm_class=tqdm_class,
                 )
-            )
-            problem = _mismatch(staged, record, hash_it=True)
-            if problem is not None:
-                staged.unlink(missing_ok=True)
-                # Next time skip any copy huggingface_hub might reuse (its own cache).
-                refetch[0] = True
-                raise TransientError(f"downloaded {name} is wrong ({problem})")
-            return staged
+            finally:
+                problems = self._promote(model, left, staging, done)
+            if missing():
+                name = missing()[0]
+                raise TransientError(problems.get(name, f"{name} did not arrive"))
 
-        staged = with_retries(
-            attempt,
-            what=f"{paths.repo_id}/{name}",
-            max_retries=self.max_retries,
-            backoff_base=self.backoff_base,
-            describe=functools.partial(
-                describe_error,
-                repo_id=paths.repo_id,
-                revision=revision,
+        def describe(error: BaseException, failure: hub.Failure, attempts: int) -> Exception:
+            left = missing()
+            return describe_error(
+                error,
+                failure,
+                attempts,
+                repo_id=repo_id,
+                revision=model.revision,
                 endpoint=self.endpoint,
-                filename=name,
-                disk=(paths.root, needed),
-            ),
-            download=True,
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)
+                filename=left[0] if len(left) == 1 else None,
+                disk=(model.paths.root, needed),
+            )
 
-    def _check(
-        self,
-        paths: ModelPaths,
-        commit: str,
-        files: dict[str, FileRecord],
-        names: list[str],
-        *,
-        verify_hashes: bool,
-    ) -> None:
+        try:
+            with_retries(
+                attempt,
+                what=f"{repo_id}: {', '.join(missing()[:3])}",
+                max_retries=self.max_retries,
+                backoff_base=self.backoff_base,
+                describe=describe,
+                download=True,
+            )
+        finally:
+            shutil.rmtree(model.paths.root / layout.STAGING_DIR, ignore_errors=True)
+        progress.close()
+        return todo
+
+    def _promote(
+        self, model: _Commit, names: list[str], staging: Path, done: list[str]
+    ) -> dict[str, str]:
+        """Move the staged `names` that match the Hub's size and sha256 into the snapshot.
+
+        Appends what moved to `done`; deletes and returns (name -> why) what did not match.
+        """
+        problems: dict[str, str] = {}
         for name in names:
-            target = paths.file(commit, name)
+            staged = staging / layout.check_repo_filename(name, repo_id=model.paths.repo_id)
+            if staged.is_symlink() or not staged.is_file():
+                continue
+            problem = _mismatch(staged, model.files.get(name), hash_it=True)
+            if problem is not None:
+                logger.debug("%s: %s is wrong (%s)", model.paths.repo_id, name, problem)
+                staged.unlink()
+                problems[name] = f"downloaded {name} is wrong ({problem})"
+                continue
+            target = model.file(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+            done.append(name)
+        return problems
+
+    def _offline_error(self, model: _Commit, todo: list[str]) -> CacheError:
+        # A file of the wrong size (cut short by a full disk or a bad copy) is named as such.
+        sizes = {name: _size(model.file(name)) for name in todo}
+        absent = [name for name, size in sizes.items() if size is None]
+        damaged = [
+            f"{name} ({size} bytes, expected {model.files[name].size})"
+            for name, size in sizes.items()
+            if size is not None
+        ]
+        found = ([f"{len(absent)} not cached: {', '.join(absent)}"] if absent else []) + (
+            [f"{len(damaged)} of the wrong size: {', '.join(damaged)}"] if damaged else []
+        )
+        return CacheError(
+            f"offline mode is on and needed files of {model.paths.repo_id} in "
+            f"{model.snapshot} are unusable: {'; '.join(found)}; run `mlxnode cache "
+            f"prewarm {model.paths.repo_id}` while online",
+            path=str(model.snapshot),
+        )
+
+    def _drop_damaged_weights(self, model: _Commit) -> None:
+        for name, record in sorted(model.files.items()):
+            target = model.file(name)
+            size = _size(target)
+            if not name.endswith(".safetensors") or None in (size, record.size):
+                continue
+            if size == record.size:
+                continue
+            if self.offline:
+                raise CacheError(
+                    f"cached file {target} is {size} bytes, expected {record.size} (cut "
+                    f"short?); run `mlxnode cache prewarm {model.paths.repo_id} --force-download` "
+                    "while online",
+                    path=str(target),
+                )
+            logger.warning(
+                "discarding %s: %d bytes, expected %d; it is fetched again",
+                target,
+                size,
+                record.size,
+            )
+            target.unlink()
+
+    def _check(self, model: _Commit, names: list[str], *, verify_hashes: bool) -> None:
+        for name in names:
+            target = model.file(name)
             problem = (
                 "missing"
                 if not target.is_file()
-                else _mismatch(target, files.get(name), hash_it=verify_hashes)
+                else _mismatch(target, model.files.get(name), hash_it=verify_hashes)
             )
             if problem is not None:
                 raise CacheError(
                     f"cached file {target} is {problem}; run `mlxnode cache prewarm "
-                    f"{paths.repo_id} --force-download`",
+                    f"{model.paths.repo_id} --force-download`",
                     path=str(target),
                 )
 
@@ -710,37 +673,32 @@ class ModelCacheManager:
             metadata = ModelMetadata(repo_id=paths.repo_id)
         revisions: dict[str, list[str]] = {}
         refs = paths.root / layout.REFS_DIR
-        if refs.is_dir():
-            for ref in sorted(refs.rglob("*")):
-                if ref.is_file():
-                    commit = paths.read_ref(ref.relative_to(refs).as_posix())
-                    if commit is not None:
-                        revisions.setdefault(commit, []).append(ref.relative_to(refs).as_posix())
+        for ref in sorted(refs.rglob("*")) if refs.is_dir() else []:
+            name = ref.relative_to(refs).as_posix()
+            commit = paths.read_ref(name) if ref.is_file() else None
+            if commit is not None:
+                revisions.setdefault(commit, []).append(name)
         commits: list[CachedCommit] = []
         snapshots = paths.root / layout.SNAPSHOTS_DIR
         for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
             if not layout.is_commit(snapshot.name):
                 continue
-            commit = snapshot.name
-            files = metadata.commits.get(commit, layout.CommitRecord()).files
+            record = metadata.commits.get(snapshot.name, layout.CommitRecord())
+            model = _Commit(paths, snapshot.name, snapshot.name, record.files, metadata)
             try:
-                expected = self._plan(paths, commit, files, RankSpec()).files
+                expected = self._plan(model, RankSpec()).files
             except Exception:  # noqa: BLE001 - a half-cached model still gets listed
-                expected = metadata_files(files)
-            present = [f for f in expected if self._present(paths, commit, f, files.get(f))]
-            complete = [
-                p
-                for p in metadata.commits.get(commit, layout.CommitRecord()).prewarmed
-                if all(self._present(paths, commit, f, files.get(f)) for f in p.files)
-            ]
+                expected = metadata_files(model.files)
             commits.append(
                 CachedCommit(
-                    commit=commit,
-                    revisions=revisions.get(commit, []),
+                    commit=model.commit,
+                    revisions=revisions.get(model.commit, []),
                     path=snapshot,
-                    files_present=len(present),
+                    files_present=sum(model.present(f) for f in expected),
                     files_expected=len(expected),
-                    complete_for=complete,
+                    complete_for=[
+                        p for p in record.prewarmed if all(model.present(f) for f in p.files)
+                    ],
                 )
             )
         return CachedModel(
@@ -774,22 +732,8 @@ def local_model(path: str | os.PathLike[str]) -> LocalModel:
         fetched_bytes=0,
         fetched_files=[],
         seconds=time.monotonic() - started,
+        sizes={f: _size(directory / f) for f in files},
     )
-
-
-def hash_file(path: Path, *, git_blob: bool = False) -> tuple[str, str | None]:
-    """sha256 of the file, and (with `git_blob`) its git blob sha1, in one read."""
-    sha256 = hashlib.sha256()
-    sha1 = None
-    if git_blob:
-        sha1 = hashlib.sha1(usedforsecurity=False)
-        sha1.update(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            sha256.update(chunk)
-            if sha1 is not None:
-                sha1.update(chunk)
-    return sha256.hexdigest(), None if sha1 is None else sha1.hexdigest()
 
 
 def _mismatch(path: Path, record: FileRecord | None, *, hash_it: bool) -> str | None:
@@ -804,15 +748,25 @@ def _mismatch(path: Path, record: FileRecord | None, *, hash_it: bool) -> str | 
         return f"{size} bytes, expected {record.size}"
     if not hash_it:
         return None
-    check_blob = not record.lfs and record.blob_id is not None
-    sha256, blob = hash_file(path, git_blob=check_blob)
+    if record.lfs or record.blob_id is None:
+        with path.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    else:
+        # A small file git keeps itself: the Hub gives its git blob id, not a sha256.
+        data = path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+        if blob != record.blob_id:
+            return f"git blob {blob[:12]}..., expected {record.blob_id[:12]}..."
     if record.sha256 is not None and sha256 != record.sha256:
         return f"sha256 {sha256[:12]}..., expected {record.sha256[:12]}..."
-    if check_blob and blob != record.blob_id:
-        return f"git blob {blob[:12] if blob else '?'}..., expected {record.blob_id[:12]}..."
     if record.sha256 is None:
         record.sha256 = sha256
     return None
+
+
+def _sizes(model: _Commit, names: list[str]) -> dict[str, int | None]:
+    return {f: model.files[f].size if f in model.files else None for f in names}
 
 
 def _size(path: Path) -> int | None:
@@ -820,19 +774,3 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except OSError:
         return None
-
-
-def _discard_incomplete(staging_root: Path) -> None:
-    """Remove partial downloads a killed process left behind (we hold the model's lock).
-
-    huggingface_hub 2.4.0 names them ``<file>.<etag>.<random>.incomplete``, per process, so
-    they can never be resumed; keeping them would only waste space.
-    """
-    if not staging_root.is_dir():
-        return
-    for leftover in staging_root.rglob("*.incomplete"):
-        try:
-            logger.debug("discarding partial download %s", leftover)
-            leftover.unlink()
-        except OSError:
-            pass

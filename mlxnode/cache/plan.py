@@ -38,48 +38,51 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 @dataclass(frozen=True)
 class RankSpec:
-    """The ranks one host serves and how the model is split over all ranks."""
+    """The ranks one host serves and how the model is split over all ranks.
 
-    ranks: tuple[int, ...] = (0,)
+    Args:
+        ranks: The ranks this host runs (their files are unioned).
+        world_size: Number of ranks in total.
+        strategy: ``pipeline``, ``tensor`` or ``auto`` (the engine decides later).
+        split: Layers per rank, in rank order (pipeline).
+        weights: Relative memory per rank; layers are split in proportion.
+        all_files: Every file of the repo, not only what the ranks need.
+
+    Raises:
+        UsageError: a value is out of range (named in the message).
+    """
+
+    ranks: Sequence[int] = (0,)
     world_size: int = 1
     strategy: str = "tensor"
-    split: tuple[int, ...] | None = None
-    weights: tuple[float, ...] | None = None
+    split: Sequence[int] | None = None
+    weights: Sequence[float] | None = None
     all_files: bool = False
 
-    @classmethod
-    def make(
-        cls,
-        ranks: Iterable[int] = (0,),
-        world_size: int = 1,
-        strategy: str = "tensor",
-        split: Sequence[int] | None = None,
-        weights: Sequence[float] | None = None,
-        all_files: bool = False,
-    ) -> RankSpec:
-        """Validate and normalise; raises UsageError naming the bad value."""
-        ranks = tuple(sorted(set(int(r) for r in ranks)))
-        if world_size < 1:
-            raise UsageError(f"world size must be >= 1, got {world_size}")
+    def __post_init__(self) -> None:
+        ranks = tuple(sorted({int(r) for r in self.ranks}))
+        if self.world_size < 1:
+            raise UsageError(f"world size must be >= 1, got {self.world_size}")
         if not ranks:
             raise UsageError("give at least one rank (--rank R or --ranks 0,2)")
-        bad = [r for r in ranks if not 0 <= r < world_size]
+        bad = [r for r in ranks if not 0 <= r < self.world_size]
         if bad:
             raise UsageError(
-                f"rank {bad[0]} is outside 0..{world_size - 1} for world size {world_size}"
+                f"rank {bad[0]} is outside 0..{self.world_size - 1} "
+                f"for world size {self.world_size}"
             )
-        if strategy not in CACHE_STRATEGIES:
-            raise UsageError(f"strategy {strategy!r} is not one of {', '.join(CACHE_STRATEGIES)}")
-        if split is not None and weights is not None:
+        if self.strategy not in CACHE_STRATEGIES:
+            raise UsageError(
+                f"strategy {self.strategy!r} is not one of {', '.join(CACHE_STRATEGIES)}"
+            )
+        if self.split is not None and self.weights is not None:
             raise UsageError("give either --split or --weights, not both")
-        return cls(
-            ranks=ranks,
-            world_size=world_size,
-            strategy=strategy,
-            split=None if split is None else tuple(int(s) for s in split),
-            weights=None if weights is None else tuple(float(w) for w in weights),
-            all_files=all_files,
-        )
+        # Frozen: normalise the sequences to tuples so specs compare and hash by value.
+        object.__setattr__(self, "ranks", ranks)
+        if self.split is not None:
+            object.__setattr__(self, "split", tuple(int(s) for s in self.split))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
 
     @property
     def per_layer(self) -> bool:

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..cache import LocalModel, ModelCacheManager, local_model
-from ..cache.layout import ModelPaths, is_commit, read_metadata, validate_repo_id
+from ..cache import LocalModel, ModelCacheManager, RankSpec, local_model
+from ..cache.layout import ModelPaths, is_commit, validate_repo_id
 from ..config import DEFAULT_REVISION, ResolvedConfig
 from ..errors import CacheError, UsageError
 from ..formatting import format_bytes, format_table
@@ -321,8 +321,7 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
         raise UsageError("give the MODEL to prewarm (org/name), or set model.name")
     ranks = _ranks(args, config.distributed.strategy)
     manager = ModelCacheManager.from_config(config, progress=not args.quiet)
-    common: dict[str, Any] = dict(
-        revision=config.model.revision,
+    spec = RankSpec(
         ranks=ranks,
         world_size=_world_size(args),
         strategy=config.distributed.strategy,
@@ -331,7 +330,7 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
         all_files=args.all_files,
     )
     if args.dry_run:
-        plan = manager.plan(repo, **common)
+        plan = manager.plan(repo, spec, revision=config.model.revision)
         result: dict[str, Any] = {
             "model": repo,
             "revision": config.model.revision,
@@ -350,8 +349,10 @@ def _prewarm(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
             "changed": False,
         }
     else:
-        model = manager.ensure_model(repo, force=config.cache.force_download, **common)
-        sizes = _sizes(manager, model)
+        model = manager.ensure_model(
+            repo, spec, revision=config.model.revision, force=config.cache.force_download
+        )
+        sizes = model.sizes
         result = {
             "model": repo,
             "revision": config.model.revision,
@@ -398,7 +399,7 @@ def _verify(resolved: ResolvedConfig, args: argparse.Namespace) -> int:
     manager = ModelCacheManager.from_config(config, progress=False)
     revision = config.model.revision
     specs = _verify_specs(manager, repo, revision, args, config)
-    reports = [manager.verify(repo, revision=revision, **spec) for spec in specs]
+    reports = [manager.verify(repo, RankSpec(**spec), revision=revision) for spec in specs]
     result = {
         "model": repo,
         "commit": reports[0].commit,
@@ -573,12 +574,6 @@ def _spec_json(
 def _ref_file(manager: ModelCacheManager, repo: str, revision: str) -> str | None:
     """The file recording which commit `revision` names; None for a commit (it has none)."""
     return None if is_commit(revision) else str(ModelPaths(manager.cache_dir, repo).ref(revision))
-
-
-def _sizes(manager: ModelCacheManager, model: LocalModel) -> dict[str, int | None]:
-    metadata = read_metadata(ModelPaths(manager.cache_dir, model.repo_id))
-    files = metadata.commits[model.commit].files
-    return {f: files[f].size if f in files else None for f in model.files}
 
 
 def _report_local(model: LocalModel, *, as_json: bool) -> int:
