@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxnode.cache import ModelCacheManager
+from mlxnode.cache import ModelCacheManager, RankSpec
 from mlxnode.errors import ModelLoadError, UsageError
 from mlxnode.generation import EncodedPrompt
 from mlxnode.loading import check_fits
@@ -108,7 +108,7 @@ def test_memory_figure_reads_the_cgroup_limit_of_the_process_and_its_parents(tmp
 
 def test_a_replica_rank_fetches_every_weight_file(hub, tmp_path):
     manager = ModelCacheManager(tmp_path / "cache", endpoint=hub.endpoint, progress=False)
-    model = manager.ensure_model(TINY_LLAMA, ranks=[1], world_size=2, strategy="replicas")
+    model = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[1], world_size=2, strategy="replicas"))
     published = {p.name for p in (hub.root / TINY_LLAMA).glob("model*.safetensors")}
     assert {f for f in model.files if f.endswith(".safetensors")} == published
 

@@ -43,7 +43,7 @@ class RankSpec:
     Args:
         ranks: The ranks this host runs (their files are unioned).
         world_size: Number of ranks in total.
-        strategy: ``pipeline``, ``tensor`` or ``auto`` (the engine decides later).
+        strategy: ``pipeline``, ``tensor``, ``replicas`` or ``auto`` (the engine decides later).
         split: Layers per rank, in rank order (pipeline).
         weights: Relative memory per rank; layers are split in proportion.
         all_files: Every file of the repo, not only what the ranks need.
