@@ -98,15 +98,53 @@ def plan_shards(
         )
     tensor_problem = _tensor_problem(model, model_config, world_size)
     wants_split = split is not None or weights is not None
-    copies_fit = _copies_fit(model_bytes, memory)
 
+    if strategy in (REPLICAS, TENSOR, PIPELINE):
+        chosen, reason = _asked_choice(
+            strategy,
+            model_type,
+            wants_split=wants_split,
+            pipeline_problem=pipeline_problem,
+            tensor_problem=tensor_problem,
+        )
+    else:
+        chosen, reason = _auto_choice(
+            model_type,
+            backend,
+            wants_split=wants_split,
+            batch_size=batch_size,
+            copies_fit=_copies_fit(model_bytes, memory),
+            pipeline_problem=pipeline_problem,
+            tensor_problem=tensor_problem,
+        )
+    if chosen == REPLICAS:
+        return ShardPlan(REPLICAS, WHOLE_COPIES, reason)
+    if chosen == TENSOR:
+        return ShardPlan(TENSOR, "mlx-lm shard()", reason)
+    counts = resolve_split(
+        num_layers(model, model_config), world_size, split=split, weights=weights
+    )
+    start, end = layer_range(sum(counts), rank, world_size, split=counts)
+    implementation = OWN_PIPELINE if use_own else GENERIC_PIPELINE
+    return ShardPlan(PIPELINE, implementation, reason, split=counts, layers=(start, end))
+
+
+def _asked_choice(
+    strategy: str,
+    model_type: str,
+    *,
+    wants_split: bool,
+    pipeline_problem: str | None,
+    tensor_problem: str | None,
+) -> tuple[str, str]:
+    """(strategy, reason) for a strategy the user named; refuses what cannot be done."""
     if strategy == REPLICAS:
         if wants_split:
             raise UsageError(
                 "--split and --weights set layers per rank, but replicas hold every layer; "
                 "drop them or use --strategy pipeline"
             )
-        return ShardPlan(REPLICAS, WHOLE_COPIES, "asked for with --strategy replicas")
+        return REPLICAS, "asked for with --strategy replicas"
     if strategy == TENSOR:
         if wants_split:
             raise UsageError(
@@ -116,48 +154,46 @@ def plan_shards(
         if tensor_problem is not None:
             hint = "; use --strategy pipeline" if pipeline_problem is None else ""
             raise ModelLoadError(f"cannot tensor-shard {model_type}: {tensor_problem}{hint}")
-        chosen, reason = TENSOR, "asked for with --strategy tensor"
-    elif strategy == PIPELINE:
-        if pipeline_problem is not None:
-            raise ModelLoadError(_unsupported(model_type, pipeline_problem, tensor_problem))
-        chosen, reason = PIPELINE, "asked for with --strategy pipeline"
-    else:
-        mesh = backend in FULL_MESH_BACKENDS
-        if wants_split and pipeline_problem is None:
-            chosen, reason = PIPELINE, "auto: --split/--weights give the layers per rank"
-        elif not wants_split and batch_size > 1 and copies_fit is not None:
-            return ShardPlan(REPLICAS, WHOLE_COPIES, f"auto: {batch_size} prompts and {copies_fit}")
-        elif mesh and tensor_problem is None:
-            chosen = TENSOR
-            reason = f"auto: the {backend} backend is a full mesh and {model_type} has shard()"
-        elif pipeline_problem is None:
-            chosen = PIPELINE
-            why = (
-                f"{model_type} cannot be tensor-sharded ({tensor_problem})"
-                if mesh
-                else f"the {backend} backend is not a full mesh, and tensor parallelism "
-                "all-reduces twice per layer"
-            )
-            reason = f"auto: {why}"
-        elif tensor_problem is None:
-            if wants_split:
-                raise UsageError(
-                    f"--split/--weights need a pipeline, which {model_type} cannot do "
-                    f"({pipeline_problem}); drop them to use tensor parallelism"
-                )
-            chosen = TENSOR
-            reason = f"auto: {model_type} cannot be pipelined ({pipeline_problem})"
-        else:
-            raise ModelLoadError(_unsupported(model_type, pipeline_problem, tensor_problem))
+        return TENSOR, "asked for with --strategy tensor"
+    if pipeline_problem is not None:
+        raise ModelLoadError(_unsupported(model_type, pipeline_problem, tensor_problem))
+    return PIPELINE, "asked for with --strategy pipeline"
 
-    if chosen == TENSOR:
-        return ShardPlan(TENSOR, "mlx-lm shard()", reason)
-    counts = resolve_split(
-        num_layers(model, model_config), world_size, split=split, weights=weights
-    )
-    start, end = layer_range(sum(counts), rank, world_size, split=counts)
-    implementation = OWN_PIPELINE if use_own else GENERIC_PIPELINE
-    return ShardPlan(PIPELINE, implementation, reason, split=counts, layers=(start, end))
+
+def _auto_choice(
+    model_type: str,
+    backend: str,
+    *,
+    wants_split: bool,
+    batch_size: int,
+    copies_fit: str | None,
+    pipeline_problem: str | None,
+    tensor_problem: str | None,
+) -> tuple[str, str]:
+    """(strategy, reason) that auto picks, by the rule in `plan_shards`'s docstring."""
+    mesh = backend in FULL_MESH_BACKENDS
+    if wants_split and pipeline_problem is None:
+        return PIPELINE, "auto: --split/--weights give the layers per rank"
+    if not wants_split and batch_size > 1 and copies_fit is not None:
+        return REPLICAS, f"auto: {batch_size} prompts and {copies_fit}"
+    if mesh and tensor_problem is None:
+        return TENSOR, f"auto: the {backend} backend is a full mesh and {model_type} has shard()"
+    if pipeline_problem is None:
+        why = (
+            f"{model_type} cannot be tensor-sharded ({tensor_problem})"
+            if mesh
+            else f"the {backend} backend is not a full mesh, and tensor parallelism "
+            "all-reduces twice per layer"
+        )
+        return PIPELINE, f"auto: {why}"
+    if tensor_problem is None:
+        if wants_split:
+            raise UsageError(
+                f"--split/--weights need a pipeline, which {model_type} cannot do "
+                f"({pipeline_problem}); drop them to use tensor parallelism"
+            )
+        return TENSOR, f"auto: {model_type} cannot be pipelined ({pipeline_problem})"
+    raise ModelLoadError(_unsupported(model_type, pipeline_problem, tensor_problem))
 
 
 def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -> None:
