@@ -135,8 +135,15 @@ def create_app(
         metrics: Where requests are counted.
     """
     app = FastAPI(title="mlxnode", docs_url=None, redoc_url=None, openapi_url=None)
-
     app.add_middleware(_Guard, api_key=settings.api_key, metrics=metrics)
+    _add_error_handlers(app)
+    _add_operations(app, gateway, settings, metrics)
+    _add_openai_api(app, gateway, tokenizer, settings)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, with the request id."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -153,6 +160,11 @@ def create_app(
         message = f"{request.method} is not allowed on {request.url.path}"
         return ApiError(405, message, code="method_not_allowed").response(request.state.request_id)
 
+
+def _add_operations(
+    app: FastAPI, gateway: Gateway, settings: ApiSettings, metrics: ServeMetrics
+) -> None:
+    """The chat page, health, readiness, metrics and what serves the model."""
     chat_page = _chat_page()
 
     @app.get("/")
@@ -177,11 +189,6 @@ def create_app(
         metrics.ready.set(1 if gateway.ready()[0] else 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        model = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlxnode"}
-        return {"object": "list", "data": [model]}
-
     @app.get("/v1/cluster")
     async def cluster() -> dict[str, Any]:
         # Hosts are known once the first readiness probe has gathered every rank's memory.
@@ -193,57 +200,74 @@ def create_app(
             "ranks": metrics.ranks,
         }
 
+
+def _add_openai_api(app: FastAPI, gateway: Gateway, tokenizer: Any, settings: ApiSettings) -> None:
+    """The model list and the two completion endpoints."""
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        model = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlxnode"}
+        return {"object": "list", "data": [model]}
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await _json_body(request, settings.max_body_bytes)
         ids = _chat_ids(tokenizer, body, settings.chat_template)
-        return await _generate(request, body, ids, chat=True)
+        return await _generate(gateway, settings, request, body, ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await _json_body(request, settings.max_body_bytes)
         ids = _prompt_ids(tokenizer, body)
-        return await _generate(request, body, ids, chat=False)
+        return await _generate(gateway, settings, request, body, ids, chat=False)
 
-    async def _generate(request: Request, body: dict[str, Any], ids: list[int], *, chat: bool):
-        parsed = _parse(body, ids, settings)
-        request_id = _new_id("chatcmpl" if chat else "cmpl")
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
 
-        def emit(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the server stops
-                loop.call_soon_threadsafe(events.put_nowait, event)
+async def _generate(
+    gateway: Gateway,
+    settings: ApiSettings,
+    request: Request,
+    body: dict[str, Any],
+    ids: list[int],
+    *,
+    chat: bool,
+) -> Response:
+    """Queue one request on the scheduler; its answer streamed or whole, as asked."""
+    parsed = _parse(body, ids, settings)
+    request_id = _new_id("chatcmpl" if chat else "cmpl")
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
 
-        work = Work(
-            job=Job(
-                id=request_id,
-                ids=parsed.ids,
-                max_tokens=parsed.max_tokens,
-                temperature=parsed.temperature,
-                top_p=parsed.top_p,
-                seed=parsed.seed,
-            ),
-            emit=emit,
-            stop=parsed.stop,
-        )
-        try:
-            gateway.submit(work)
-        except QueueFull:
-            raise ApiError(
-                429,
-                "the server is busy: too many requests are waiting; retry later",
-                code="queue_full",
-                kind="rate_limit_error",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            ) from None
-        answer = _Answer(request_id, settings.model_id, chat=chat)
-        if parsed.stream:
-            stream = _stream(events, answer, parsed, gateway, request.state.request_id)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        return await _collect(events, answer, gateway, request)
+    def emit(event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server stops
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-    return app
+    work = Work(
+        job=Job(
+            id=request_id,
+            ids=parsed.ids,
+            max_tokens=parsed.max_tokens,
+            temperature=parsed.temperature,
+            top_p=parsed.top_p,
+            seed=parsed.seed,
+        ),
+        emit=emit,
+        stop=parsed.stop,
+    )
+    try:
+        gateway.submit(work)
+    except QueueFull:
+        raise ApiError(
+            429,
+            "the server is busy: too many requests are waiting; retry later",
+            code="queue_full",
+            kind="rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
+    answer = _Answer(request_id, settings.model_id, chat=chat)
+    if parsed.stream:
+        stream = _stream(events, answer, parsed, gateway, request.state.request_id)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    return await _collect(events, answer, gateway, request)
 
 
 def _chat_page() -> str:

@@ -139,14 +139,7 @@ def _run(
     stdout: TextIO | None,
     load_timeout: float | None,
 ) -> RunResult:
-    group = join_guarded(config.distributed.backend, watchdog, load_timeout)
-    logger.info(
-        "rank %d of %d on %s%s",
-        group.rank(),
-        group.size(),
-        socket.gethostname(),
-        f", run {run_id}" if run_id else "",
-    )
+    group = join_guarded(config.distributed.backend, watchdog, load_timeout, run_id=run_id)
     wait, guard = phase_guards(watchdog, group, load_timeout)
     metadata = read_metadata(config)
     with (
@@ -207,9 +200,10 @@ def _run(
 
 
 def join_guarded(
-    backend: str, watchdog: Watchdog, load_timeout: float | None
+    backend: str, watchdog: Watchdog, load_timeout: float | None, *, run_id: str | None = None
 ) -> mx.distributed.Group:
-    """Join the group, bounded by `load_timeout` when a launcher started several ranks."""
+    """Join the group, bounded by `load_timeout` when a launcher started several ranks, and
+    log which rank of how many this process is, on which host, in which run."""
     guarded = distributed.launched() and load_timeout is not None
     with (
         watchdog.guard("joining the group", timeout=load_timeout)
@@ -218,6 +212,13 @@ def join_guarded(
     ):
         group = distributed.join_group(backend)
     watchdog.rank = group.rank()
+    logger.info(
+        "rank %d of %d on %s%s",
+        group.rank(),
+        group.size(),
+        socket.gethostname(),
+        f", run {run_id}" if run_id else "",
+    )
     return group
 
 

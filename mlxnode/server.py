@@ -79,14 +79,7 @@ def serve(
 def _serve(
     config: Config, watchdog: Watchdog, load_timeout: float | None, run_id: str | None
 ) -> None:
-    group = join_guarded(config.distributed.backend, watchdog, load_timeout)
-    logger.info(
-        "rank %d of %d on %s%s",
-        group.rank(),
-        group.size(),
-        socket.gethostname(),
-        f", run {run_id}" if run_id else "",
-    )
+    group = join_guarded(config.distributed.backend, watchdog, load_timeout, run_id=run_id)
     wait, guard = phase_guards(watchdog, group, load_timeout)
     metadata = read_metadata(config)
     scheduler: Scheduler | None = None

@@ -298,8 +298,9 @@ def test_cli_status_prints_json_and_a_table(testbed, capsys):
     assert report["known_hosts"] == str(testbed.known_hosts_path)
     assert tb_mod.main(["status", "--name", NAME]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[1].split() == ["HOST", "IP", "NETNS", "SSHD", "LINK", "SSH"]
+    assert table[1].split() == ["HOST", "IP", "NETNS", "SSHD", "LINK", "SSH", "CPUS", "MEMORY"]
     assert table[2].split()[:3] == ["h1", f"{NET}.11", f"{NAME}-h1"]
+    assert table[2].split()[-3:] == ["all", "no", "limit"]  # not pinned
 
 
 def test_cli_refuses_to_run_without_root():
