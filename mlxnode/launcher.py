@@ -191,9 +191,10 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def rank_pattern(run_id: str) -> str:
-    """The `pkill -f` pattern of this run's ranks (the brackets keep pkill's shell out)."""
-    return f"[m]lxnode run --run-id {re.escape(run_id)}( |$)"
+def rank_pattern(run_id: str, verb: str = "run") -> str:
+    """The `pkill -f` pattern of this run's ranks, which run `mlxnode VERB` (the brackets
+    keep pkill's shell out)."""
+    return f"[m]lxnode {re.escape(verb)} --run-id {re.escape(run_id)}( |$)"
 
 
 def launch(
@@ -280,7 +281,7 @@ def launch(
         try:
             result = _supervise(argv, timeout=timeout, tee=tee)
         finally:
-            report.unreachable = _cleanup(hosts, run_id, timeout=connect_timeout)
+            report.unreachable = _cleanup(hosts, run_id, verb, timeout=connect_timeout)
         completion = _read_record(hosts[0], run_dir / outcome.COMPLETION_FILE, connect_timeout)
         verdict = outcome.parse_completion(completion) if completion else None
         records: dict[int, outcome.RankStatus] = {}
@@ -486,11 +487,14 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _cleanup(hosts: Sequence[preflight.HostSpec], run_id: str, *, timeout: float) -> dict:
+def _cleanup(
+    hosts: Sequence[preflight.HostSpec], run_id: str, verb: str, *, timeout: float
+) -> dict:
     """Kill any rank of this run still alive on any host; return the hosts SSH cannot reach."""
-    # The run id is on every rank's command line, right after `run` (`launch` puts it there).
+    # The run id is on every rank's command line, right after the verb (`launch` puts it
+    # there): `run`, or `serve`, whose ranks a pattern for `run` would leave running.
     unreachable = preflight.run_everywhere(
-        hosts, ["sh", "-c", _CLEANUP, "sh", rank_pattern(run_id)], timeout=timeout
+        hosts, ["sh", "-c", _CLEANUP, "sh", rank_pattern(run_id, verb)], timeout=timeout
     )
     for name, why in unreachable.items():
         logger.warning("cannot reach %s to stop what is left of run %s: %s", name, run_id, why)

@@ -179,6 +179,7 @@ def test_hostfile_names_hosts_by_inventory_name(tmp_path):
         ("/v/bin/python -m mlxnode run --run-id xr1 --config c.yaml", False),
         ("/v/bin/mlxnode launch --run-id r1 -- --config c.yaml", False),
         ("sh -c pkill -KILL -f '[m]lxnode run --run-id r1( |$)'", False),
+        ("/v/bin/python -m mlxnode serve --run-id r1 --config c.yaml", False),
     ],
 )
 def test_rank_pattern_matches_only_this_runs_ranks(cmdline, matches):
@@ -187,6 +188,22 @@ def test_rank_pattern_matches_only_this_runs_ranks(cmdline, matches):
     from mlxnode.launcher import rank_pattern
 
     assert bool(re.search(rank_pattern("r1"), cmdline)) is matches
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "matches"),
+    [
+        ("/v/bin/python -m mlxnode serve --run-id serve --status-dir /r/serve --port 80", True),
+        ("/v/bin/python -m mlxnode run --run-id serve --status-dir /r/serve", False),
+        ("/v/bin/mlxnode launch --supervise --run-id serve -- serve --port 80", False),
+    ],
+)
+def test_rank_pattern_of_a_server_matches_its_serve_ranks(cmdline, matches):
+    import re
+
+    from mlxnode.launcher import rank_pattern
+
+    assert bool(re.search(rank_pattern("serve", "serve"), cmdline)) is matches
 
 
 @pytest.mark.parametrize("run_id", ["", "-x", "a b", "a;b", "a/b", "x" * 129, "abc\n"])
