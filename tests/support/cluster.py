@@ -183,13 +183,14 @@ class Cluster:
         return marker >= 0 and len(out[marker:].split("\n", 1)[-1].strip()) >= 5
 
     def leftovers(self) -> dict[str, str]:
-        """Per host: ranks still running, ring ports still listening, the lock still held."""
+        """Per host: ranks (of a run or a server) still running, ring ports still listening,
+        the lock still held."""
         ports = f"sport >= :{RING_PORT} and sport <= :{RING_PORT + len(HOSTS) - 1}"
         found = {}
         for host in HOSTS:
             out = self.ssh(
                 host,
-                f"pgrep -af '[m]lxnode run'; ss -Htln '( {ports} )'; "
+                f"pgrep -af '[m]lxnode (run|serve)'; ss -Htln '( {ports} )'; "
                 f"test -e {LOCK} && ! flock -n {LOCK} true && echo 'lock held: {LOCK}'",
                 check=False,
             ).stdout.strip()
