@@ -813,3 +813,24 @@ def test_macos_wheelhouse_keeps_darwin_only_dependencies():
     added = wh.marker_only_deps(ROOT, "mlxnode", darwin)
     assert any(spec.startswith("mlx==") or spec.startswith("mlx<") for spec in added), added
     assert wh.marker_only_deps(ROOT, "mlxnode[cpu]", {"sys_platform": "linux"}) == []
+
+
+def test_roles_and_playbooks_call_the_collections_filters_by_their_full_names():
+    """A bare `| mlxnode_rank_order(...)` fails at run time ('No filter named ...'), and
+    only where the task runs: syntax checks pass it."""
+    from importlib import import_module
+
+    sys.path.insert(0, str(ROOT / "plugins" / "filter"))
+    try:
+        names = set(import_module("mlxnode_cluster").FilterModule().filters())
+    finally:
+        sys.path.remove(str(ROOT / "plugins" / "filter"))
+    bare = re.compile(r"\|\s*(" + "|".join(map(re.escape, sorted(names))) + r")\b")
+    found = [
+        f"{path.relative_to(ROOT)}: {m.group(1)}"
+        for folder in ("roles", "playbooks")
+        for path in sorted((ROOT / folder).rglob("*.yml"))
+        if "collections" not in path.parts
+        for m in bare.finditer(path.read_text())
+    ]
+    assert found == [], "call these as mlxnode.cluster.<name>: " + ", ".join(found)
