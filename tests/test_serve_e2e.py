@@ -76,9 +76,8 @@ def served(cluster):
 
 def _client(cluster, **options) -> openai.OpenAI:
     h1 = cluster.bed.host("h1").ip
-    return openai.OpenAI(
-        base_url=f"http://{h1}:{PORT}/v1", api_key=API_KEY, max_retries=0, **options
-    )
+    options = {"api_key": API_KEY, "max_retries": 0, **options}
+    return openai.OpenAI(base_url=f"http://{h1}:{PORT}/v1", **options)
 
 
 def test_serve_playbook_runs_the_server_as_a_service_over_the_three_hosts(cluster, served):
