@@ -188,7 +188,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, origin: float) -> Outcome
     usage = None
     try:
         stream = client.chat.completions.create(
-            model="served",
+            model="default_model",  # mlx_lm.server's name for its --model; mlxnode: any
             messages=[{"role": "user", "content": prompt}],
             max_tokens=max_tokens,
             temperature=0.0,
@@ -343,7 +343,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="Repetitions per cell.")
     parser.add_argument("--max-tokens", type=int, default=24, help="max_tokens per request.")
     parser.add_argument("--clients", default="1,4,16", help="Concurrent clients per cell.")
-    parser.add_argument("--models", default="tiny,real", help="Which models: tiny, real.")
+    parser.add_argument(
+        "--models", default="tiny,real", help="Which models: tiny, real (others kept in the file)."
+    )
     parser.add_argument(
         "--quick", action="store_true", help="Smoke run: 1 repetition, 1 and 4 clients, 8 tokens."
     )
@@ -356,6 +358,7 @@ def main() -> int:
 
     began = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="bench_serve."))
+    print(f"servers' logs in {scratch}", file=sys.stderr)
     load_before = os.getloadavg()
     report: dict = {
         "date": now(),
@@ -365,18 +368,18 @@ def main() -> int:
         "placement": "2 ring ranks on 127.0.0.1 (one machine; the ranks share its cores)",
         "strategy": "pipeline",
         "clients": client_counts,
-        "reps": args.reps,
-        "max_tokens": args.max_tokens,
         "request": "one streaming chat request per client, greedy, 'Write two sentences "
         "about TOPIC.', released together",
         "targets": TARGETS,
-        "models": {},
+        # A run of some --models keeps the others' results already in the file.
+        "models": json.loads(output.read_text())["models"] if output.exists() else {},
     }
     for name in args.models.split(","):
         model = real_model("q4") if name == "real" else _tiny(scratch)
         home = scratch / name
         home.mkdir()
-        entry: dict = {"model": _describe(name)}
+        # Per model too: a run of one model may use other settings than the file's others.
+        entry: dict = {"model": _describe(name), "max_tokens": args.max_tokens, "reps": args.reps}
         print(f"{name}: mlxnode serve", file=sys.stderr)
         entry["mlxnode"] = measure(
             mlxnode_job(model, home, args.max_tokens), client_counts, args.reps, args.max_tokens
@@ -420,10 +423,9 @@ def _markdown(report: dict) -> str:
     lines = [
         f"{machine_line(m, report['versions'])} at the end, "
         f"{m['load_average_before'][0]:.1f} before.",
-        f"{report['placement']}; {report['strategy']}; max_tokens {report['max_tokens']}; "
-        f"medians of {report['reps']}.",
+        f"{report['placement']}; {report['strategy']}.",
         "",
-        "| model | server | clients | aggregate tok/s | TTFT p50 / p95 ms | "
+        "| model, max_tokens, reps | server | clients | aggregate tok/s | TTFT p50 / p95 ms | "
         "ITL p50 / p95 ms | failed |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -434,7 +436,8 @@ def _markdown(report: dict) -> str:
                 continue
             for clients, s in served["cells"].items():
                 lines.append(
-                    f"| {name} | {served['server']} | {clients} | {_fmt(s['aggregate_tps'])} | "
+                    f"| {name}, {entry['max_tokens']}, {entry['reps']} | {served['server']} | "
+                    f"{clients} | {_fmt(s['aggregate_tps'])} | "
                     f"{_fmt(s['ttft_p50_s'], 1e3, 0)} / {_fmt(s['ttft_p95_s'], 1e3, 0)} | "
                     f"{_fmt(s['itl_p50_s'], 1e3, 0)} / {_fmt(s['itl_p95_s'], 1e3, 0)} | "
                     f"{s['failed']}/{s['requests']} |"
