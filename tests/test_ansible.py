@@ -389,8 +389,14 @@ def _render(tmp_path: Path, backend: str = "ring", *, inventory: Path | None = N
         inventory.write_text(yaml.safe_dump({"mlx_cluster": sample}))
     playbook = tmp_path / "render.yml"
     playbook.write_text(_render_playbook(out))
+    render_playbook(inventory, playbook, tmp_path)
+    return out
+
+
+def render_playbook(inventory: Path, playbook: Path, tmp_path: Path, *extra: str) -> None:
+    """Run a local rendering playbook with this repo's Ansible settings; it must succeed."""
     proc = subprocess.run(
-        [_tool("ansible-playbook"), "-i", str(inventory), str(playbook)],
+        [_tool("ansible-playbook"), "-i", str(inventory), str(playbook), *extra],
         cwd=ROOT,
         capture_output=True,
         stdin=subprocess.DEVNULL,
@@ -398,7 +404,6 @@ def _render(tmp_path: Path, backend: str = "ring", *, inventory: Path | None = N
         env=_ansible_env(tmp_path),
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_ansible import ROOT, _ansible_env, _solo_inventory, _tool
+from test_ansible import ROOT, _solo_inventory, render_playbook
 
 VENV = Path(sys.executable).parent.parent
 # An argument that needs quoting in a unit: spaces, quotes, a specifier and a variable.
@@ -56,22 +56,7 @@ def _render(tmp_path: Path, **extra_vars: object) -> Path:
         )
     )
     inventory = _solo_inventory(tmp_path, mlxnode_venv_dir=str(VENV))
-    proc = subprocess.run(
-        [
-            _tool("ansible-playbook"),
-            "-i",
-            str(inventory),
-            str(playbook),
-            "-e",
-            json.dumps(extra_vars),
-        ],  # fmt: skip
-        cwd=ROOT,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=_ansible_env(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    render_playbook(inventory, playbook, tmp_path, "-e", json.dumps(extra_vars))
     return out
 
 
