@@ -17,8 +17,8 @@ from pathlib import Path
 
 LOG_FORMAT = "[%(asctime)s] [%(label)s] %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-# `extra` of an error the CLI also prints as its one `mlxnode: error:` line: a log file
-# keeps the record, the console shows the CLI's line only (see `setup_logging`).
+# `extra` of an error the CLI also prints as its one `mlxnode: error:` line (which names the
+# rank and host): a log file keeps the record, the console shows the CLI's line only.
 CLI_REPORTS = {"cli_reports": True}
 
 _rank: int | None = None
@@ -126,8 +126,9 @@ def setup_logging(
 
     Rank 0 logs to stderr; other ranks log to their file only, unless the level is
     DEBUG, so the terminal shows rank 0's answer cleanly (without a file, stderr is
-    every rank's only record, so every rank logs there). With a file, an error the CLI
-    prints as its one line (`CLI_REPORTS`) is written to the file only.
+    every rank's only record, so every rank logs there). An error the CLI prints as its one
+    line (`CLI_REPORTS`) is written to the file only, never to the console, so the console
+    shows each error once.
 
     Args:
         label: Name this process in its lines instead of a rank (see `set_label`).
@@ -146,8 +147,7 @@ def setup_logging(
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(level)
         console.addFilter(rank_filter)
-        if log_file is not None:
-            console.addFilter(_NotReportedByCli())
+        console.addFilter(_NotReportedByCli())
         console.setFormatter(formatter)
         root.addHandler(console)
 

@@ -51,10 +51,11 @@ def hard_exit(error: DistributedSetupError | Stopped, message: str | None = None
     with contextlib.suppress(Exception):
         outcome.record_exit(error)
     with contextlib.suppress(Exception):
-        if isinstance(error, Stopped):
-            sys.stderr.write(f"mlxnode: stopped by {signal.Signals(error.signum).name}\n")
-        else:
-            sys.stderr.write(redact(f"mlxnode: error: {error}") + "\n")
+        # The CLI's one line for this error (the console drops the log record above); a
+        # stopped rank's message says so itself: "rank R on H: stopped by SIGTERM while ...".
+        prefix = "mlxnode: " if isinstance(error, Stopped) else "mlxnode: error: "
+        line = prefix + str(message or error)
+        sys.stderr.write(redact(line) + "\n")
         sys.stderr.flush()
     os._exit(outcome.exit_code(error))
 
