@@ -43,7 +43,8 @@ from common import RESULTS, machine, machine_line, now, versions, write_results
 from tests.support.real_model import real_model
 from tests.support.tiny_model import make_tiny_model
 
-MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
+# mlx.launch, minus its busy wait (mlxnode/mlx_launch.py), as `mlxnode launch` runs it.
+MLX_LAUNCH = [sys.executable, "-m", "mlxnode.mlx_launch"]
 BACKEND = "ring"
 OVERHEAD_TARGET = 0.97
 BATCH_TARGET = 3.0
@@ -291,7 +292,7 @@ def _launch(ranks: int, argv: list[str]) -> str:
     """Run `python ARGV` on `ranks` ring ranks on this machine; rank 0's stdout."""
     command = [sys.executable, *argv]
     if ranks > 1:
-        command = [str(MLX_LAUNCH), "--backend", BACKEND, "-n", str(ranks),
+        command = [*MLX_LAUNCH, "--backend", BACKEND, "-n", str(ranks),
                    "--starting-port", str(_free_ports(ranks)), *command]  # fmt: skip
     # Its own session, so an interrupted benchmark can take the launcher's ranks down with it.
     process = subprocess.Popen(

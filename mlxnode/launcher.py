@@ -20,7 +20,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -59,8 +58,6 @@ DEFAULT_TIMEOUT = 1800.0
 # Once a rank has failed, mlx.launch stops the others itself; give it this long before
 # stopping it (it waits minutes on an ssh to a host that dropped off the network).
 STOP_GRACE_SECONDS = 5.0
-# mlx.launch busy-polls one thread per rank; keep it from starving rank 0 on this host.
-MLX_LAUNCH_NICE = 10
 # mlx.launch reports each rank's end on stderr with these lines.
 _RANK_EXIT = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
 _RANK_KILLED = re.compile(r"Node with rank (\d+) was killed")
@@ -265,7 +262,9 @@ def launch(
             readiness.ensure_ready(reports)
             logger.info("pre-flight passed for %d hosts", len(hosts))
         argv = [
-            str(Path(python).parent / "mlx.launch"),
+            # mlx.launch itself, minus its busy wait (see mlxnode/mlx_launch.py), in this
+            # process's interpreter, which has mlx: the ranks' `python` may be another's.
+            sys.executable, "-m", "mlxnode.mlx_launch",
             "--hostfile", str(hostfile),
             "--backend", backend,
             "--starting-port", str(starting_port),
@@ -275,8 +274,6 @@ def launch(
             "--", python, "-m", "mlxnode", verb, "--run-id", run_id,
             "--status-dir", str(run_dir), *run_args,
         ]  # fmt: skip
-        if nice := shutil.which("nice"):
-            argv = [nice, "-n", str(MLX_LAUNCH_NICE), *argv]
         logger.debug("running %s", shlex.join(argv))
         try:
             result = _supervise(argv, timeout=timeout, tee=tee)

@@ -23,7 +23,7 @@ def _launch(script: Path, text: str, *args: str, env: dict | None = None):
     script.write_text(text)
     return subprocess.run(
         [
-            str(MLX_LAUNCH),
+            *MLX_LAUNCH,
             "--backend",
             "ring",
             "-n",

@@ -34,7 +34,8 @@ from mlxnode.prompts import Prompt
 from mlxnode.strategy import plan_shards
 from tests.support.tiny_model import make_tiny_model
 
-MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
+# mlx.launch, minus its busy wait (mlxnode/mlx_launch.py), as `mlxnode launch` runs it.
+MLX_LAUNCH = [sys.executable, "-m", "mlxnode.mlx_launch"]
 MAX_TOKENS = 8
 PROMPT = "The morning train left the station"
 BATCH = [
@@ -151,7 +152,7 @@ def _launch_argv(ranks: int, args: list[str]) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "mlxnode", "run", *args]
     return [
-        str(MLX_LAUNCH),
+        *MLX_LAUNCH,
         "--backend", "ring",
         "-n", str(ranks),
         "--starting-port", str(_free_ports(ranks)),

@@ -490,7 +490,6 @@ def test_a_run_whose_ranks_never_started_is_not_reported_as_success(local_cluste
     # exits 0 and prints no error, so only the missing completion record tells.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "mlx.launch").symlink_to(local_cluster.venv_bin / "mlx.launch")
     (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "python").chmod(0o755)
     done = _launch(
