@@ -44,6 +44,11 @@ try:
     report["mlx_lm"] = version("mlx-lm")
 except Exception:
     report["mlx_lm"] = None
+try:
+    from mlxnode.memory import available_memory_bytes
+    report["memory_available"] = available_memory_bytes()
+except Exception:
+    report["memory_available"] = None
 busy = []
 for ip, port in json.loads(sys.argv[1]):
     s = socket.socket()
@@ -182,6 +187,7 @@ def _probe_host(
         data = json.loads(out.strip().splitlines()[-1])
         for key in ("python", "mlx", "mlx_lm", "mlxnode", "ports_busy"):
             setattr(report, key, data.get(key))
+        report.mem_free = data.get("memory_available")
     except HostCommandError as e:
         report.reachable = not e.unreachable
         report.error = str(e)

@@ -191,7 +191,8 @@ def reports_from_findings(findings: Mapping[str, Mapping[str, Any] | None]) -> l
     A record holds ``reachable``, ``venv_ok``/``venv_error``, ``versions`` (the output of
     `mlxnode health --local --json`), ``need`` (`cache prewarm --dry-run --json`),
     ``verify``/``verify_error`` (`cache verify --json`), ``mem_free_mb`` and
-    ``disk_free_kb``; a host that never answered has an empty one.
+    ``disk_free_kb``; a host that never answered has an empty one. Free memory is the
+    smaller of the facts' and the probe's (``versions.mem_free``, which counts cgroups).
     """
     return [
         _report_from_record(host, index, dict(record or {}))
@@ -221,9 +222,10 @@ def _report_from_record(host: str, index: int, rec: dict[str, Any]) -> HostRepor
     if need:
         report.rank_bytes = sum(_int(f.get("size"), 0) for f in need.get("needed") or [])
         report.missing_bytes = _int(need.get("missing_bytes"), 0)
-    mem_free_mb = _int(rec.get("mem_free_mb"), -1)
+    # The facts' free memory knows no cgroup; the host's own probe (`health --local`) does.
+    free = [_int(rec.get("mem_free_mb"), -1) * 2**20, _int(versions.get("mem_free"), -1)]
     disk_free_kb = _int(rec.get("disk_free_kb"), -1)
-    report.mem_free = mem_free_mb * 2**20 if mem_free_mb >= 0 else None
+    report.mem_free = min((f for f in free if f >= 0), default=None)
     report.disk_free = disk_free_kb * 1024 if disk_free_kb >= 0 else None
     return report
 
