@@ -158,44 +158,33 @@ def test_a_failed_rank_fails_the_play_and_its_logs_still_come_back(cluster):
         assert (logs / host / f"inference.rank{rank}.log").is_file(), sorted(logs.rglob("*"))
 
 
-def test_health_passes_then_names_the_host_missing_a_file(cluster):
+def test_health_passes_then_names_what_a_host_lacks(cluster, tmp_path):
+    """A missing file, and memory: the facts report the machine's, a cgroup leaves h2 less."""
+    from tests.support.testbed import Testbed
+
     play = cluster.playbook("health.yml").check()
     assert "All 3 hosts are ready" in play.output
     missing = sorted(f for f in NEEDED[1] if f.endswith(".safetensors"))[0]
-    cluster.ssh("h2", f"rm ~/.cache/mlx_models/*/snapshots/*/{missing}")
-    try:
-        play = cluster.playbook("health.yml")
-        assert play.rc != 0
-        assert "Not ready: h2" in play.output
-        row = next(line for line in play.output.splitlines() if line.strip().startswith("h2 "))
-        assert " NO " in row and f"missing {missing}" in row
-        assert re.search(r"^\s*h1\s+0\s+yes\s", play.output, re.M)
-    finally:
-        cluster.playbook("prewarm.yml").check()
-
-
-def test_health_counts_the_memory_a_cgroup_leaves_a_host(cluster, tmp_path):
-    """Facts report the machine's free memory; a host capped by a cgroup has less."""
-    from tests.support.testbed import Testbed
-
     rank_bytes = sum((cluster.hub_root / MODEL / f).stat().st_size for f in NEEDED[1])
+    cluster.ssh("h2", f"rm ~/.cache/mlx_models/*/snapshots/*/{missing}")
     # Each rank must have 4 GiB free: h1 and h3 have the machine's, h2 is capped at 1 GiB.
-    factor = str(4 * 2**30 / rank_bytes)
     Testbed(cluster.bed.name, memory={"h2": "1G"}).up()
     try:
         play = cluster.playbook(
             "health.yml",
-            "-e", f"mlxnode_cache_health_memory_factor={factor}",
+            "-e", f"mlxnode_cache_health_memory_factor={4 * 2**30 / rank_bytes}",
             # Fresh ssh connections: the open ones were forked outside the new cgroup.
             "-e", f"ansible_control_path_dir={tmp_path / 'cp'}",
         )  # fmt: skip
         assert play.rc != 0 and "Not ready: h2" in play.output, play.output[-3000:]
         row = next(line for line in play.output.splitlines() if line.strip().startswith("h2 "))
+        assert " NO " in row and f"missing {missing}" in row
         free = re.search(r"free memory ([\d.]+) (MiB|GiB) < 4\.0 GiB", row)
         assert free and (free[2] == "MiB" or float(free[1]) <= 1.0), row
         assert re.search(r"^\s*h1\s+0\s+yes\s", play.output, re.M)
     finally:
         Testbed(cluster.bed.name, memory={"h2": "64G"}).up()
+        cluster.playbook("prewarm.yml").check()
 
 
 @contextmanager
