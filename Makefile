@@ -12,6 +12,9 @@ STAMP := $(VENV)/.mlxnode-installed
 # driver for the chat page's browser test (no browser is downloaded from elsewhere).
 DEB_PACKAGES := openssh-server openssh-sftp-server openssh-client rsync iproute2 util-linux mount python3 python3-venv procps chromium chromium-driver
 PYTEST_ARGS ?=
+# Two workers: a single pytest process leaves a core idle while tests wait on subprocesses,
+# SSH and timeouts; the multi-host tests stay together on one of them (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test demo lint bench clean
 
@@ -32,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m tests.support.demo

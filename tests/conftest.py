@@ -9,6 +9,8 @@
 - `session_testbed`: a testbed name and subnet of this test session's own, so two sessions on
   one machine never tear down each other's testbed.
 - ``local_cluster``: a tiny model and a hostfile of two ranks on 127.0.0.1 (no root).
+- The multi-host (``e2e``) tests run first, and under pytest-xdist (`make test` runs two
+  workers with ``--dist loadgroup``) all on one worker, where they share one testbed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 REQUIRE_ENV = "MLXNODE_REQUIRE_TESTBED"
+TESTBED_GROUP = pytest.mark.xdist_group("testbed")
 _SSHD = "/usr/sbin/sshd"
 
 
@@ -207,3 +210,15 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     hostfile = root / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
     return LocalCluster(Path(model), hostfile, Path(sys.executable).parent)
+
+
+# Before pytest-xdist's own hook, which reads the groups from the marks.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The multi-host tests form one xdist group, so one worker runs them all against the
+    session's one provisioned testbed (the `cluster` fixture); they come first, being the
+    longest group, while the other worker takes everything else."""
+    testbed = [item for item in items if item.get_closest_marker("e2e")]
+    for item in testbed:
+        item.add_marker(TESTBED_GROUP)
+    items[:] = testbed + [item for item in items if not item.get_closest_marker("e2e")]
