@@ -10,7 +10,7 @@
   one machine never tear down each other's testbed.
 - ``local_cluster``: a tiny model and a hostfile of two ranks on 127.0.0.1 (no root).
 - The multi-host (``e2e``) tests run first, and under pytest-xdist (`make test` runs two
-  workers with ``--dist loadgroup``) all on one worker, where they share one testbed.
+  workers) all on one worker, where they share one testbed (`TestbedTogether`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from pathlib import Path
 import pytest
 
 REQUIRE_ENV = "MLXNODE_REQUIRE_TESTBED"
-TESTBED_GROUP = pytest.mark.xdist_group("testbed")
+# The modules of the multi-host (`e2e`) tests: under pytest-xdist one worker runs them all.
+TESTBED_MODULES = (
+    "tests/test_e2e.py",
+    "tests/test_reliability.py",
+    "tests/test_serve_e2e.py",
+    "tests/test_testbed.py",
+)
 _SSHD = "/usr/sbin/sshd"
 
 
@@ -212,13 +218,27 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
     return LocalCluster(Path(model), hostfile, Path(sys.executable).parent)
 
 
-# Before pytest-xdist's own hook, which reads the groups from the marks.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The multi-host tests form one xdist group, so one worker runs them all against the
-    session's one provisioned testbed (the `cluster` fixture); they come first, being the
-    longest group, while the other worker takes everything else."""
+    """The multi-host tests come first: they are the longest group (see `TestbedTogether`),
+    and the other worker takes everything else meanwhile."""
     testbed = [item for item in items if item.get_closest_marker("e2e")]
-    for item in testbed:
-        item.add_marker(TESTBED_GROUP)
+    strays = {item.nodeid.split("::")[0] for item in testbed} - set(TESTBED_MODULES)
+    if strays:
+        raise pytest.UsageError(f"add {', '.join(sorted(strays))} to TESTBED_MODULES")
     items[:] = testbed + [item for item in items if not item.get_closest_marker("e2e")]
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN201 - xdist's hook
+    """pytest-xdist's scheduler for `make test`'s workers: the multi-host tests as one unit.
+
+    They share the session's one provisioned testbed (the `cluster` fixture), so they must
+    run on one worker; every other test goes wherever a worker is free. (xdist's own
+    `--dist loadgroup` marks the group in a node id that pytest 9 no longer lets it change.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TestbedTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "testbed" if nodeid.split("::")[0] in TESTBED_MODULES else nodeid
+
+    return TestbedTogether(config, log)
