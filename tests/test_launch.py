@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -417,7 +418,7 @@ def _ranks_of(run_id: str) -> list[str]:
     """Command lines of this run's ranks still alive on this machine (not mlx.launch's)."""
     out = subprocess.run(["pgrep", "-af", f"[m]lxnode run --run-id {run_id}( |$)"], text=True,
                          capture_output=True).stdout  # fmt: skip
-    return [line for line in out.splitlines() if "mlx.launch" not in line]
+    return [line for line in out.splitlines() if not re.search(r"mlx[._]launch", line)]
 
 
 def test_a_prompt_reaches_rank_0_as_a_private_file_not_in_any_command_line(local_cluster, tmp_path):

@@ -156,15 +156,24 @@ def test_a_partitioned_host_trips_the_watchdog_and_the_rest_is_collected(cluster
 # -- the launcher refuses to start
 
 
-def test_an_unreachable_host_is_named_by_the_preflight_within_20s(cluster):
+def test_an_unreachable_host_is_named_by_the_preflight_within_seconds(cluster):
     cluster.bed.set_link("h2", False)
     try:
         play = cluster.run("rel-down")
     finally:
         cluster.bed.set_link("h2", True)
     message = play.failure()
-    record("unreachable host", play_seconds=round(play.seconds, 1))
-    assert play.seconds < 20
+    report = json.loads((cluster.logs / "rel-down" / "h1" / "launcher.json").read_text())
+    record(
+        "unreachable host",
+        play_seconds=round(play.seconds, 1),
+        preflight_seconds=round(report["preflight_seconds"], 1),
+    )
+    # The pre-flight gives up on h2 at its 5 s connect timeout, where mlx.launch's ssh would
+    # retry for minutes; the rest of the play is Ansible's own time, which load stretches
+    # (about 12 s on a quiet machine, 21 s at a load average of 10).
+    assert report["preflight_seconds"] < 10, report
+    assert play.seconds < 60
     assert "exit 6): pre-flight failed: rank 1 on h2: unreachable over SSH" in message
     assert re.search(r"- 1 h2 NO \(unreachable over SSH", message), message[-3000:]
     assert "not reachable: h2" in message
