@@ -355,7 +355,8 @@ class Scheduler:
         probe_ids: The probe's prompt (a few tokens).
         tokenizer: Turns tokens into text (the main thread's; not shared with another).
         heartbeat: The longest `decide` waits for a request while nothing runs.
-        on_step: Called after every step with (queue depth, running requests).
+        on_step: Called after every step with (queue depth, running requests, prompt
+            tokens taken from the prompt cache so far).
         on_token: Called for every token of a request with (request, seconds since
             the previous token or since submission for the first, is first).
         on_finish: Called when a request finishes, with (request, Finished).
@@ -372,7 +373,7 @@ class Scheduler:
         probe_ids: list[int],
         tokenizer: Any,
         heartbeat: float = HEARTBEAT_SECONDS,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
         on_token: Callable[[Request, float, bool], None] | None = None,
         on_finish: Callable[[Request, Finished], None] | None = None,
         on_memory: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -512,14 +513,16 @@ class Scheduler:
         *,
         running: int,
         memory: list[dict[str, Any]] | None,
+        cached: int = 0,
     ) -> None:
-        """Deliver a step's tokens, and report the batch and (if gathered) every rank's memory."""
+        """Deliver a step's tokens, and report the batch, the prompt tokens the prompt cache
+        saved so far (`cached`) and (if gathered) every rank's memory."""
         with self._lock:
             self._readiness.stepping = None
         self._deliver(produced)
         if memory is not None:
             self._on_memory(memory)
-        self._on_step(self.queue_depth, running)
+        self._on_step(self.queue_depth, running, cached)
 
     def _deliver(self, produced: list[tuple[str, Token]]) -> None:
         """Hand each token's text to its request; finish the requests that ended."""
@@ -620,7 +623,12 @@ def serve(
                     _gather_memory(sharded, many, generation_stream) if decision.gather else None
                 )
                 if scheduler is not None:
-                    scheduler.after_step(produced, running=executor.running, memory=memory)
+                    scheduler.after_step(
+                        produced,
+                        running=executor.running,
+                        memory=memory,
+                        cached=executor.reused_tokens,
+                    )
     finally:
         executor.close()
 
