@@ -92,6 +92,7 @@ HOST_VENV = "/root/.mlxnode/venv"
 HOST_HOSTFILE = "/root/.mlxnode/hosts.json"
 # What a server's processes look like on a host: the launchers and every rank.
 SERVER_PROCESSES = r"mlxnode|mlx\.launch|mlx_lm\.server"
+TINY_DIR = "tiny-model"
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,11 @@ class TestbedRanks:
         snapshot_source(self.work / "src")
         inventory = self.bed.write_inventory(
             self.work / "inventory" / "hosts.yml",
-            group_vars={"mlxnode_host_source_dir": str(self.work / "src")},
+            group_vars={
+                "mlxnode_host_source_dir": str(self.work / "src"),
+                # configure.yml's config.yaml needs a model; the servers name theirs by path.
+                "mlxnode_model_path": f"/tmp/{TINY_DIR}",
+            },
         )
         started = time.monotonic()
         for name in ("provision.yml", "configure.yml"):
@@ -580,7 +585,7 @@ def main() -> int:
 
 
 def _tiny(scratch: Path) -> Path:
-    return make_tiny_model(scratch / "tiny-model", **TINY_SHAPE)
+    return make_tiny_model(scratch / TINY_DIR, **TINY_SHAPE)
 
 
 def _describe(name: str) -> str:
