@@ -1,7 +1,9 @@
 """Serving under load: `mlxnode serve` vs distributed `mlx_lm.server`, streaming clients.
 
 Both servers run on 2 ring ranks, one server up at a time (`mlxnode launch --hostfile` for
-mlxnode, `mlx.launch --backend ring` for mlx-lm), placed by --placement:
+mlxnode, `mlx.launch --backend ring` for mlx-lm, both through mlxnode's shim that keeps
+MLX 0.32's mlx.launch from spinning a core: the same launcher for both), placed by
+--placement:
 
 - `testbed` (the default): a 2-host testbed (tests/support/testbed.py), each host pinned
   to one core of its own by a cpuset cgroup, provisioned by provision.yml and
@@ -58,7 +60,7 @@ from pathlib import Path
 
 import openai
 from bench_ansible import playbook, snapshot_source
-from bench_engine import TINY_SHAPE, _free_ports
+from bench_engine import MLX_LAUNCH, TINY_SHAPE, _free_ports
 from common import RESULTS, machine, machine_line, now, versions, write_results
 
 from tests.support.real_model import real_model
@@ -224,7 +226,7 @@ class LocalRanks:
     def anchor_job(self, model: str, home: Path, max_tokens: int) -> Job:
         port = _free_ports(1)
         argv = [
-            str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(RANKS),
+            *MLX_LAUNCH, "--backend", "ring", "-n", str(RANKS),
             "--starting-port", str(_free_ports(RANKS)), "--",
             *_anchor_args(sys.executable, model, port, max_tokens, "127.0.0.1"),
         ]  # fmt: skip
@@ -310,7 +312,8 @@ class TestbedRanks:
     def anchor_job(self, model: str, home: Path, max_tokens: int) -> Job:
         ring, port = self._next_ports()
         argv = [
-            f"{HOST_VENV}/bin/mlx.launch", "--hostfile", HOST_HOSTFILE, "--backend", "ring",
+            f"{HOST_VENV}/bin/python", "-m", "mlxnode.mlx_launch", "--hostfile", HOST_HOSTFILE,
+            "--backend", "ring",
             "--starting-port", str(ring), "--",
             *_anchor_args(f"{HOST_VENV}/bin/python", model, port, max_tokens, "0.0.0.0"),
         ]  # fmt: skip
