@@ -319,8 +319,10 @@ class Executor:
         return self._prefixes.start(job)
 
     def _finished(self, uid: int, start: Start) -> None:
-        rid = self._uids.get(uid, PROBE_PREFIX)
-        if self._prefixes is not None and not rid.startswith(PROBE_PREFIX):
+        """Keep a finished request's KV cache for later ones (not the probe's: its prompt
+        would only push out a request's)."""
+        rid = self._uids.get(uid)
+        if self._prefixes is not None and rid is not None and not rid.startswith(PROBE_PREFIX):
             self._prefixes.keep(start)
 
     def step(self) -> list[tuple[str, Token]]:
