@@ -1,13 +1,23 @@
 """Serving under load: `mlxnode serve` vs distributed `mlx_lm.server`, streaming clients.
 
-Both servers run on 2 ring ranks on 127.0.0.1 (`mlxnode launch --hostfile` for mlxnode,
-`mlx.launch --backend ring -n 2` for mlx-lm), one server up at a time. Each cell sends,
-from 1, 4 and 16 threads at once, one streaming chat request per thread (the official
-`openai` client, greedy, `max_tokens` fixed) and measures: aggregate tok/s (completion
-tokens of all requests / wall time from the first request sent to the last stream ended),
-time to first token and inter-token latency (p50/p95 over requests; a request's
-inter-token latency is (last token - first token) / (tokens - 1)), failed requests.
-Median of --reps repetitions per cell; every repetition kept.
+Both servers run on 2 ring ranks, one server up at a time (`mlxnode launch --hostfile` for
+mlxnode, `mlx.launch --backend ring` for mlx-lm, both through mlxnode's shim that keeps
+MLX 0.32's mlx.launch from spinning a core: the same launcher for both), placed by
+--placement:
+
+- `testbed` (the default): a 2-host testbed (tests/support/testbed.py), each host pinned
+  to one core of its own by a cpuset cgroup, provisioned by provision.yml and
+  configure.yml; rank r runs on host r + 1, the models are copied into each host's
+  private /tmp, and rank 0 serves on h1's address on the testbed bridge. Needs root.
+- `local`: both ranks on 127.0.0.1, sharing every core of this machine.
+
+Each cell sends, from 1, 4 and 16 threads at once, one streaming chat request per thread
+(the official `openai` client, greedy, `max_tokens` fixed) and measures: aggregate tok/s
+(completion tokens of all requests / wall time from the first request sent to the last
+stream ended), time to first token and inter-token latency (p50/p95 over requests; a
+request's inter-token latency is (last token - first token) / (tokens - 1)), failed
+requests. Median of --reps repetitions per cell; every repetition kept. The clients run on
+this machine, outside the testbed's cgroups.
 
 Models:
 - `real`: SmolLM2-135M-Instruct 4-bit (tests/support/real_model.py q4), mlxnode
@@ -20,17 +30,22 @@ Models:
 An anchor whose server dies during a cell is data: the cell records the failed requests
 and the exit, and the server is started again for the next repetition.
 
-Writes benchmarks/results/serve.json and a Markdown table on stdout.
+Writes benchmarks/results/serve.json (testbed) or serve-local.json (local) and a Markdown
+table on stdout.
 
-    .venv/bin/python benchmarks/bench_serve.py [--reps 3] [--max-tokens 24] [--quick]
+    sudo .venv/bin/python benchmarks/bench_serve.py [--placement testbed|local] [--reps 3]
+        [--max-tokens 24] [--models tiny,real] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,14 +54,17 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import openai
-from bench_engine import TINY_SHAPE, _free_ports
+from bench_ansible import playbook, snapshot_source
+from bench_engine import MLX_LAUNCH, TINY_SHAPE, _free_ports
 from common import RESULTS, machine, machine_line, now, versions, write_results
 
 from tests.support.real_model import real_model
+from tests.support.testbed import Testbed
 from tests.support.tiny_model import make_tiny_model
 
 BIN = Path(sys.executable).parent
@@ -66,6 +84,18 @@ TOPICS = [
     "autumn leaves",
 ]  # fmt: skip
 
+# The testbed placement: its own name and subnet (bench_throughput uses 10.213.12.0/24).
+TESTBED_NAME = "mlxserve"
+TESTBED_SUBNET = "10.213.13.0/24"
+TESTBED_HOSTS = ("h1", "h2")
+TESTBED_PINS = {"h1": "0", "h2": "1"}  # two 1-core machines on this 2-core one
+# Where provision.yml and configure.yml put the venv and the hostfile on every host.
+HOST_VENV = "/root/.mlxnode/venv"
+HOST_HOSTFILE = "/root/.mlxnode/hosts.json"
+# What a server's processes look like on a host: the launchers and every rank.
+SERVER_PROCESSES = r"mlxnode|mlx\.launch|mlx_lm\.server"
+TINY_DIR = "tiny-model"
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -82,19 +112,19 @@ class Outcome:
 
 @dataclass
 class Job:
-    """A server on the ranks: its process group, URL and log."""
+    """A server on the ranks: its launcher process, URL and log.
+
+    `cleanup` ends what the launcher leaves behind when it is stopped (ranks on other hosts).
+    """
 
     name: str
     argv: list[str]
     env: dict[str, str]
     log: Path
-    port: int
+    url: str
     ready_path: str
+    cleanup: Callable[[], None] = lambda: None
     proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> float:
         """Start the ranks and wait until the server answers; the seconds it took."""
@@ -139,6 +169,7 @@ class Job:
         # Ranks still in the group (one that ignored SIGTERM) go too.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.cleanup()
         self.proc = None
         return code
 
@@ -146,35 +177,167 @@ class Job:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def mlxnode_job(model: Path, scratch: Path, max_tokens: int) -> Job:
-    hostfile = scratch / "hosts.json"
-    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * RANKS))
-    port = _free_ports(1)
-    argv = [
-        str(BIN / "mlxnode"), "launch", "--hostfile", str(hostfile), "--no-config",
-        "--starting-port", str(_free_ports(RANKS)), "--lock-file", str(scratch / "cluster.lock"),
-        "--log-dir", str(scratch / "mlxnode-run"), "--",
-        "serve", "--no-config", "--model-path", str(model), "--strategy", "pipeline",
-        "--port", str(port), "--max-tokens", str(max_tokens), "--step-timeout", str(STEP_TIMEOUT),
+def _mlxnode_serve_args(model: str, port: int, max_tokens: int, host: str) -> list[str]:
+    return [
+        "serve", "--no-config", "--model-path", model, "--strategy", "pipeline",
+        "--host", host, "--port", str(port), "--max-tokens", str(max_tokens),
+        "--step-timeout", str(STEP_TIMEOUT),
     ]  # fmt: skip
-    return Job("mlxnode serve", argv, _clean_env(scratch), scratch / "mlxnode.log", port, "/ready")
 
 
-def anchor_job(model: Path, scratch: Path, max_tokens: int) -> Job:
-    port = _free_ports(1)
-    argv = [
-        str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(RANKS),
-        "--starting-port", str(_free_ports(RANKS)), "--",
-        sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--pipeline",
+def _anchor_args(python: str, model: str, port: int, max_tokens: int, host: str) -> list[str]:
+    return [
+        python, "-m", "mlx_lm.server", "--model", model, "--pipeline", "--host", host,
         "--port", str(port), "--max-tokens", str(max_tokens), "--log-level", "WARNING",
     ]  # fmt: skip
-    return Job("mlx_lm.server", argv, _clean_env(scratch), scratch / "mlx_lm.log", port, "/health")
+
+
+class LocalRanks:
+    """Both ranks on 127.0.0.1: they share this machine's cores (and the clients' cores)."""
+
+    name = "local"
+    description = "2 ring ranks on 127.0.0.1 (one machine; the ranks share its cores)"
+
+    def __enter__(self) -> LocalRanks:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def details(self) -> dict:
+        return {"pinning": None}
+
+    def place(self, model: Path) -> str:
+        return str(model)
+
+    def mlxnode_job(self, model: str, home: Path, max_tokens: int) -> Job:
+        hostfile = home / "hosts.json"
+        hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * RANKS))
+        port = _free_ports(1)
+        argv = [
+            str(BIN / "mlxnode"), "launch", "--hostfile", str(hostfile), "--no-config",
+            "--starting-port", str(_free_ports(RANKS)), "--lock-file", str(home / "cluster.lock"),
+            "--log-dir", str(home / "mlxnode-run"), "--",
+            *_mlxnode_serve_args(model, port, max_tokens, "127.0.0.1"),
+        ]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        return Job("mlxnode serve", argv, _clean_env(home), home / "mlxnode.log", url, "/ready")
+
+    def anchor_job(self, model: str, home: Path, max_tokens: int) -> Job:
+        port = _free_ports(1)
+        argv = [
+            *MLX_LAUNCH, "--backend", "ring", "-n", str(RANKS),
+            "--starting-port", str(_free_ports(RANKS)), "--",
+            *_anchor_args(sys.executable, model, port, max_tokens, "127.0.0.1"),
+        ]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        return Job("mlx_lm.server", argv, _clean_env(home), home / "mlx_lm.log", url, "/health")
 
 
 def _clean_env(scratch: Path) -> dict[str, str]:
     # No MLX_* of an outer launcher; HOME in scratch, so no lock or run directory of the user's.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX")}
     return {**env, "HOME": str(scratch / "home")}
+
+
+class TestbedRanks:
+    """Rank r on testbed host h(r+1), each host pinned to a core of its own.
+
+    Entering brings the testbed up (fresh: an earlier one of the same name goes first) and
+    provisions it as a real cluster is (provision.yml, configure.yml: the venv from the
+    controller's wheelhouse, the SSH mesh, hosts.json); leaving takes it down. Servers are
+    started over SSH on h1, as an operator would, and bind h1's address on the bridge.
+    """
+
+    name = "testbed"
+    description = (
+        "2 testbed hosts (network namespaces with sshd), each pinned to 1 core of its own "
+        "by a cpuset cgroup; rank 0 on h1, rank 1 on h2, ring over the testbed bridge"
+    )
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.bed = Testbed(
+            TESTBED_NAME, hosts=len(TESTBED_HOSTS), subnet=TESTBED_SUBNET, cpus=TESTBED_PINS
+        )
+        self.provision_s = 0.0
+        self._ports = itertools.count(0)
+
+    def __enter__(self) -> TestbedRanks:
+        self.bed.down()
+        self.bed.up()
+        snapshot_source(self.work / "src")
+        inventory = self.bed.write_inventory(
+            self.work / "inventory" / "hosts.yml",
+            group_vars={
+                "mlxnode_host_source_dir": str(self.work / "src"),
+                # configure.yml's config.yaml needs a model; the servers name theirs by path.
+                "mlxnode_model_path": f"/tmp/{TINY_DIR}",
+            },
+        )
+        started = time.monotonic()
+        for name in ("provision.yml", "configure.yml"):
+            playbook(inventory, name, self.work)
+        self.provision_s = time.monotonic() - started
+        print(f"testbed provisioned in {self.provision_s:.0f} s", file=sys.stderr)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.bed.down()
+
+    def details(self) -> dict:
+        pinning = {
+            s.name: {"cpus": s.cpus, "memory_bytes": s.memory_bytes} for s in self.bed.status()
+        }
+        return {"pinning": pinning, "provision_s": self.provision_s}
+
+    def place(self, model: Path) -> str:
+        """Copy `model` into every host's private /tmp; its path there."""
+        for host in TESTBED_HOSTS:
+            target = self.bed.state_dir / "hosts" / host / "tmp" / model.name
+            if not target.exists():
+                shutil.copytree(model, target)
+        return f"/tmp/{model.name}"
+
+    def mlxnode_job(self, model: str, home: Path, max_tokens: int) -> Job:
+        ring, port = self._next_ports()
+        argv = [
+            f"{HOST_VENV}/bin/mlxnode", "launch", "--hostfile", HOST_HOSTFILE,
+            "--backend", "ring", "--python", f"{HOST_VENV}/bin/python", "--no-config",
+            "--starting-port", str(ring), "--",
+            *_mlxnode_serve_args(model, port, max_tokens, "0.0.0.0"),
+        ]  # fmt: skip
+        return self._job("mlxnode serve", argv, home / "mlxnode.log", port, "/ready")
+
+    def anchor_job(self, model: str, home: Path, max_tokens: int) -> Job:
+        ring, port = self._next_ports()
+        argv = [
+            f"{HOST_VENV}/bin/python", "-m", "mlxnode.mlx_launch", "--hostfile", HOST_HOSTFILE,
+            "--backend", "ring",
+            "--starting-port", str(ring), "--",
+            *_anchor_args(f"{HOST_VENV}/bin/python", model, port, max_tokens, "0.0.0.0"),
+        ]  # fmt: skip
+        return self._job("mlx_lm.server", argv, home / "mlx_lm.log", port, "/health")
+
+    def _next_ports(self) -> tuple[int, int]:
+        """Ring and HTTP ports new to each server, so none waits for an old socket."""
+        n = next(self._ports)
+        return 33000 + 10 * n, 8100 + n
+
+    def _job(self, name: str, argv: list[str], log: Path, port: int, ready: str) -> Job:
+        command = "cd /tmp && exec " + shlex.join(argv)
+        url = f"http://{self.bed.host('h1').ip}:{port}"
+        return Job(
+            name, self.bed.ssh_command("h1", command), dict(os.environ), log, url, ready,
+            cleanup=self._kill_servers,
+        )  # fmt: skip
+
+    def _kill_servers(self) -> None:
+        """Closing the SSH session does not reach the ranks: end them on every host."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for host in TESTBED_HOSTS:
+                self.bed.kill_host_processes(host, SERVER_PROCESSES, sig=sig)
+            time.sleep(2)
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, origin: float) -> Outcome:
@@ -340,8 +503,23 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--placement",
+        choices=("testbed", "local"),
+        default="testbed",
+        help="Where the 2 ranks run: pinned testbed hosts (needs root), or both on 127.0.0.1.",
+    )
     parser.add_argument("--reps", type=int, default=3, help="Repetitions per cell.")
     parser.add_argument("--max-tokens", type=int, default=24, help="max_tokens per request.")
+    parser.add_argument(
+        "--real-reps", type=int, default=None, help="Repetitions for SmolLM2 (default: --reps)."
+    )
+    parser.add_argument(
+        "--real-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens for SmolLM2, whose prefill is slow on CPU (default: --max-tokens).",
+    )
     parser.add_argument("--clients", default="1,4,16", help="Concurrent clients per cell.")
     parser.add_argument(
         "--models", default="tiny,real", help="Which models: tiny, real (others kept in the file)."
@@ -353,55 +531,64 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.reps, args.max_tokens, args.clients = 1, 8, "1,4"
+        args.real_reps, args.real_max_tokens = 1, 8
+    settings = {
+        "tiny": (args.reps, args.max_tokens),
+        "real": (args.real_reps or args.reps, args.real_max_tokens or args.max_tokens),
+    }
     client_counts = [int(c) for c in args.clients.split(",")]
-    output = args.output or RESULTS / ("serve-quick.json" if args.quick else "serve.json")
+    stem = "serve" if args.placement == "testbed" else f"serve-{args.placement}"
+    output = args.output or RESULTS / (f"{stem}-quick.json" if args.quick else f"{stem}.json")
 
     began = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="bench_serve."))
     print(f"servers' logs in {scratch}", file=sys.stderr)
     load_before = os.getloadavg()
-    report: dict = {
-        "date": now(),
-        "machine": {**machine(), "load_average_before": load_before},
-        "versions": versions("mlx", "mlx-lm", "openai"),
-        "ranks": RANKS,
-        "placement": "2 ring ranks on 127.0.0.1 (one machine; the ranks share its cores)",
-        "strategy": "pipeline",
-        "clients": client_counts,
-        "request": "one streaming chat request per client, greedy, 'Write two sentences "
-        "about TOPIC.', released together",
-        "targets": TARGETS,
-        # A run of some --models keeps the others' results already in the file.
-        "models": json.loads(output.read_text())["models"] if output.exists() else {},
-    }
-    for name in args.models.split(","):
-        model = real_model("q4") if name == "real" else _tiny(scratch)
-        home = scratch / name
-        home.mkdir()
-        # Per model too: a run of one model may use other settings than the file's others.
-        entry: dict = {"model": _describe(name), "max_tokens": args.max_tokens, "reps": args.reps}
-        print(f"{name}: mlxnode serve", file=sys.stderr)
-        entry["mlxnode"] = measure(
-            mlxnode_job(model, home, args.max_tokens), client_counts, args.reps, args.max_tokens
-        )
-        entry["anchor"] = None
-        if name == "tiny":
-            print(f"{name}: mlx_lm.server", file=sys.stderr)
-            entry["anchor"] = measure(
-                anchor_job(model, home, args.max_tokens), client_counts, args.reps, args.max_tokens
-            )
-        entry["ratios"] = ratios(entry["mlxnode"], entry["anchor"], client_counts)
-        entry["load_average_after"] = os.getloadavg()
-        report["models"][name] = entry
-        report["seconds"] = time.monotonic() - began
-        write_results(output, report)  # each model saved as it ends
+    placement = TestbedRanks(scratch / "testbed") if args.placement == "testbed" else LocalRanks()
+    with placement:
+        report: dict = {
+            "date": now(),
+            "machine": {**machine(), "load_average_before": load_before},
+            "versions": versions("mlx", "mlx-lm", "openai"),
+            "ranks": RANKS,
+            "placement": placement.name,
+            "placement_description": placement.description,
+            **placement.details(),
+            "strategy": "pipeline",
+            "clients": client_counts,
+            "request": "one streaming chat request per client, greedy, 'Write two sentences "
+            "about TOPIC.', released together",
+            "targets": TARGETS,
+            # A run of some --models keeps the others' results already in the file.
+            "models": json.loads(output.read_text())["models"] if output.exists() else {},
+        }
+        for name in args.models.split(","):
+            reps, max_tokens = settings[name]
+            model = placement.place(real_model("q4") if name == "real" else _tiny(scratch))
+            home = scratch / name
+            home.mkdir()
+            # Per model too: a run of one model may use other settings than the file's others.
+            entry: dict = {"model": _describe(name), "max_tokens": max_tokens, "reps": reps}
+            print(f"{name}: mlxnode serve", file=sys.stderr)
+            job = placement.mlxnode_job(model, home, max_tokens)
+            entry["mlxnode"] = measure(job, client_counts, reps, max_tokens)
+            entry["anchor"] = None
+            if name == "tiny":
+                print(f"{name}: mlx_lm.server", file=sys.stderr)
+                job = placement.anchor_job(model, home, max_tokens)
+                entry["anchor"] = measure(job, client_counts, reps, max_tokens)
+            entry["ratios"] = ratios(entry["mlxnode"], entry["anchor"], client_counts)
+            entry["load_average_after"] = os.getloadavg()
+            report["models"][name] = entry
+            report["seconds"] = time.monotonic() - began
+            write_results(output, report)  # each model saved as it ends
     print(_markdown(report))
-    print(f"\nwrote {output}")
+    print(f"\nwrote {output} in {time.monotonic() - began:.0f} s")
     return 0
 
 
 def _tiny(scratch: Path) -> Path:
-    return make_tiny_model(scratch / "tiny-model", **TINY_SHAPE)
+    return make_tiny_model(scratch / TINY_DIR, **TINY_SHAPE)
 
 
 def _describe(name: str) -> str:
@@ -423,7 +610,7 @@ def _markdown(report: dict) -> str:
     lines = [
         f"{machine_line(m, report['versions'])} at the end, "
         f"{m['load_average_before'][0]:.1f} before.",
-        f"{report['placement']}; {report['strategy']}.",
+        f"{report.get('placement_description', report['placement'])}; {report['strategy']}.",
         "",
         "| model, max_tokens, reps | server | clients | aggregate tok/s | TTFT p50 / p95 ms | "
         "ITL p50 / p95 ms | failed |",

@@ -394,20 +394,41 @@ def insert(
     batch: Sequence[EncodedPrompt],
     *,
     samplers: Sequence[Callable[[mx.array], mx.array] | None] | None = None,
+    starts: Sequence[Start | None] | None = None,
 ) -> list[int]:
     """Queue `batch` on `generator`; returns each prompt's uid, in order.
 
     `samplers`: one per prompt (None: the generator's own); default: the generator's own.
+    `starts`: one per prompt (None: from scratch): a KV cache that already holds the tokens
+    before the prompt's `ids`, so only `ids` are prefilled.
     """
+    starts = list(starts) if starts is not None else [None] * len(batch)
     return generator.insert(
         [item.ids for item in batch],
         max_tokens=[item.max_tokens for item in batch],
         samplers=list(samplers) if samplers is not None else None,
+        caches=[s.cache if s is not None else None for s in starts],
+        all_tokens=[list(s.tokens) if s is not None else [] for s in starts],
     )
 
 
-def step(generator: Any) -> list[Token] | None:
+@dataclass(frozen=True)
+class Start:
+    """A KV cache to start a sequence from, and the tokens it holds."""
+
+    tokens: list[int]
+    cache: list[Any]
+
+
+def step(
+    generator: Any, *, on_finished: Callable[[int, Start], None] | None = None
+) -> list[Token] | None:
     """Run `generator` one step: the tokens it produced (none while it reads prompts).
+
+    Args:
+        generator: A `batch_generator`.
+        on_finished: Called with (uid, what its KV cache holds) for each sequence that
+            finished in this step, before its token is returned.
 
     Returns:
         The step's tokens, or None when no request is left.
@@ -415,6 +436,10 @@ def step(generator: Any) -> list[Token] | None:
     prompt_responses, responses = generator.next()
     if not prompt_responses and not responses:
         return None
+    if on_finished is not None:
+        for r in responses:
+            if r.finish_reason is not None and r.prompt_cache is not None:
+                on_finished(r.uid, Start(tokens=list(r.all_tokens), cache=r.prompt_cache))
     return [_token(r.uid, r) for r in responses]
 
 

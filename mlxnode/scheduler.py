@@ -9,7 +9,16 @@ the ranks can never disagree about what is running. All MLX work stays in the ma
 
 When nothing runs, rank 0 waits on its queue for up to `HEARTBEAT_SECONDS` and then broadcasts
 an idle decision anyway: the other ranks wait inside that collective, and each decision is a
-watchdog beat, so idling never trips the step timeout while a hung peer still does.
+watchdog beat, so idling never trips the step timeout while a hung peer still does. A request
+that arrives meanwhile wakes rank 0 at once and joins at the next step.
+
+A request's time to first token is mostly the prefill of its prompt, and on a CPU backend a
+prompt token costs about one decode step. So each rank keeps the KV caches of the last
+`PROMPT_CACHE_ENTRIES` finished requests, and a new request starts from the longest prefix it
+shares with one of them (the chat template, an earlier turn of the conversation), prefilling
+only the rest, as `mlx_lm.server` does. Every rank sees the same requests start and finish in
+the same order, so every rank finds the same prefix; the decision's header carries a digest
+of what each rank's cache did, so ranks whose caches drifted apart stop with an error.
 
 Requests that end because of the model (end-of-sequence, `max_tokens`) leave every rank's
 generator by themselves, at the same step. Everything else that ends a request early is decided
@@ -23,6 +32,7 @@ import queue
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,7 +40,15 @@ from typing import Any
 import mlx.core as mx
 
 from . import distributed
-from .generation import EncodedPrompt, Token, batch_generator, insert, seeded_sampler, step
+from .generation import (
+    EncodedPrompt,
+    Start,
+    Token,
+    batch_generator,
+    insert,
+    seeded_sampler,
+    step,
+)
 from .loading import ShardedModel
 from .prompts import Prompt
 
@@ -40,6 +58,12 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 1.0
 # The probe is a request of its own; HTTP requests never get ids starting with this.
 PROBE_PREFIX = "probe-"
+# Finished requests whose KV caches a new request may start from (mlx_lm.server keeps 10).
+# Counted in requests, not bytes: ranks hold different layers, so a byte limit would evict
+# different entries on different ranks.
+PROMPT_CACHE_ENTRIES = 4
+# One server serves one model: the prompt cache's key for it.
+_MODEL_KEY = "model"
 
 
 class QueueFull(Exception):
@@ -193,17 +217,82 @@ class Readiness:
         return True, "ok"
 
 
-class Executor:
-    """One rank's running batch: applies decisions to its generator and steps it."""
+class _Prefixes:
+    """One rank's prompt cache: the KV caches finished requests left, by their tokens.
 
-    def __init__(self, sharded: ShardedModel, *, max_tokens: int, max_batch: int):
+    `trail` is a digest of everything it did (kept, reused how much for which request),
+    equal on every rank while their caches agree.
+    """
+
+    def __init__(self, entries: int):
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._lru = LRUPromptCache(max_size=entries)
+        self.trail = 0
+        self.reused = 0  # prompt tokens taken from the cache instead of prefilled
+
+    def keep(self, start: Start) -> None:
+        self._lru.insert_cache(_MODEL_KEY, start.tokens, start.cache)
+        self._note(f"keep {len(start.tokens)}")
+
+    def start(self, job: Job) -> tuple[list[int], Start | None]:
+        """The tokens of `job` still to prefill, and the cache that holds those before them."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self._lru.fetch_nearest_cache(_MODEL_KEY, job.ids)
+        if cache is not None and not rest:
+            # All of it: the last token is prefilled again, for the first token's logits.
+            if not can_trim_prompt_cache(cache):
+                return job.ids, None
+            trim_prompt_cache(cache, 1)
+            rest = job.ids[-1:]
+        if cache is None:
+            return job.ids, None
+        reused = len(job.ids) - len(rest)
+        self.reused += reused
+        self._note(f"{job.id} {reused}")
+        return list(rest), Start(tokens=job.ids[:reused], cache=cache)
+
+    def _note(self, what: str) -> None:
+        self.trail = zlib.crc32(what.encode(), self.trail)
+
+
+class Executor:
+    """One rank's running batch: applies decisions to its generator and steps it.
+
+    Args:
+        sharded: This rank's shard.
+        max_tokens: The default limit of a request (each job carries its own).
+        max_batch: Requests that run at once.
+        prompt_cache: Finished requests whose KV caches new ones may start from (0: none).
+    """
+
+    def __init__(
+        self,
+        sharded: ShardedModel,
+        *,
+        max_tokens: int,
+        max_batch: int,
+        prompt_cache: int = PROMPT_CACHE_ENTRIES,
+    ):
         self._generator = batch_generator(sharded, max_tokens=max_tokens, max_batch=max_batch)
         self._uids: dict[int, str] = {}  # generator uid -> request id
         self._ids: dict[str, int] = {}
+        self._prefixes = _Prefixes(prompt_cache) if prompt_cache > 0 else None
 
     @property
     def running(self) -> int:
         return len(self._uids)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens so far taken from the prompt cache instead of prefilled."""
+        return self._prefixes.reused if self._prefixes is not None else 0
+
+    @property
+    def trail(self) -> int:
+        """A digest of what the prompt cache did, equal on every rank."""
+        return self._prefixes.trail if self._prefixes is not None else 0
 
     def apply(self, decision: Decision) -> None:
         gone = [self._ids.pop(rid) for rid in decision.leave if rid in self._ids]
@@ -212,21 +301,35 @@ class Executor:
             for uid in gone:
                 del self._uids[uid]
         if decision.join:
+            starts = [self._start(job) for job in decision.join]
             batch = [
-                EncodedPrompt(prompt=Prompt(job.id, ""), ids=job.ids, max_tokens=job.max_tokens)
-                for job in decision.join
+                EncodedPrompt(prompt=Prompt(job.id, ""), ids=ids, max_tokens=job.max_tokens)
+                for job, (ids, _) in zip(decision.join, starts, strict=True)
             ]
             samplers = [seeded_sampler(j.temperature, j.top_p, j.seed) for j in decision.join]
-            uids = insert(self._generator, batch, samplers=samplers)
+            uids = insert(self._generator, batch, samplers=samplers, starts=[s for _, s in starts])
             for uid, job in zip(uids, decision.join, strict=True):
                 self._uids[uid] = job.id
                 self._ids[job.id] = uid
+
+    def _start(self, job: Job) -> tuple[list[int], Start | None]:
+        # The probe must run the model for real: it never starts from a cache.
+        if self._prefixes is None or job.id.startswith(PROBE_PREFIX):
+            return job.ids, None
+        return self._prefixes.start(job)
+
+    def _finished(self, uid: int, start: Start) -> None:
+        """Keep a finished request's KV cache for later ones (not the probe's: its prompt
+        would only push out a request's)."""
+        rid = self._uids.get(uid)
+        if self._prefixes is not None and rid is not None and not rid.startswith(PROBE_PREFIX):
+            self._prefixes.keep(start)
 
     def step(self) -> list[tuple[str, Token]]:
         """One step of the model: (request id, token) for each token it produced."""
         if not self._uids:
             return []
-        produced = step(self._generator) or []
+        produced = step(self._generator, on_finished=self._finished) or []
         out = []
         for token in produced:
             rid = self._uids[token.uid]
@@ -254,7 +357,8 @@ class Scheduler:
         probe_ids: The probe's prompt (a few tokens).
         tokenizer: Turns tokens into text (the main thread's; not shared with another).
         heartbeat: The longest `decide` waits for a request while nothing runs.
-        on_step: Called after every step with (queue depth, running requests).
+        on_step: Called after every step with (queue depth, running requests, prompt
+            tokens taken from the prompt cache so far).
         on_token: Called for every token of a request with (request, seconds since
             the previous token or since submission for the first, is first).
         on_finish: Called when a request finishes, with (request, Finished).
@@ -271,7 +375,7 @@ class Scheduler:
         probe_ids: list[int],
         tokenizer: Any,
         heartbeat: float = HEARTBEAT_SECONDS,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
         on_token: Callable[[Request, float, bool], None] | None = None,
         on_finish: Callable[[Request, Finished], None] | None = None,
         on_memory: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -411,14 +515,16 @@ class Scheduler:
         *,
         running: int,
         memory: list[dict[str, Any]] | None,
+        cached: int = 0,
     ) -> None:
-        """Deliver a step's tokens, and report the batch and (if gathered) every rank's memory."""
+        """Deliver a step's tokens, and report the batch, the prompt tokens the prompt cache
+        saved so far (`cached`) and (if gathered) every rank's memory."""
         with self._lock:
             self._readiness.stepping = None
         self._deliver(produced)
         if memory is not None:
             self._on_memory(memory)
-        self._on_step(self.queue_depth, running)
+        self._on_step(self.queue_depth, running, cached)
 
     def _deliver(self, produced: list[tuple[str, Token]]) -> None:
         """Hand each token's text to its request; finish the requests that ended."""
@@ -504,7 +610,8 @@ def serve(
                     shared = distributed.broadcast_json(
                         group,
                         decision.to_json() if decision is not None else None,
-                        what="deciding the next serving step",
+                        # Ranks whose prompt caches drifted apart fail here, out of step.
+                        what=f"deciding the next serving step (prompt cache {executor.trail:x})",
                     )
                     decision = Decision.from_json(shared)
                 assert decision is not None
@@ -518,7 +625,12 @@ def serve(
                     _gather_memory(sharded, many, generation_stream) if decision.gather else None
                 )
                 if scheduler is not None:
-                    scheduler.after_step(produced, running=executor.running, memory=memory)
+                    scheduler.after_step(
+                        produced,
+                        running=executor.running,
+                        memory=memory,
+                        cached=executor.reused_tokens,
+                    )
     finally:
         executor.close()
 

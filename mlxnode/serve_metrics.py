@@ -36,6 +36,12 @@ class ServeMetrics:
         self.generated_tokens = Counter(
             "mlxnode_generated_tokens", "Tokens generated for requests.", registry=r
         )
+        self.cached_prompt_tokens = Counter(
+            "mlxnode_prompt_tokens_cached",
+            "Prompt tokens taken from the prompt cache (an earlier request's KV cache) "
+            "instead of prefilled.",
+            registry=r,
+        )
         self.ttft = Histogram(
             "mlxnode_time_to_first_token_seconds",
             "From a request's arrival to its first token.",
@@ -66,6 +72,7 @@ class ServeMetrics:
         # The last gathered {"rank", "host", "peak_memory_bytes"} of every rank, for
         # `/v1/cluster`; replaced whole, so readers in another thread see one gathering.
         self.ranks: list[dict[str, Any]] = []
+        self._cached = 0  # the prompt cache's total at the last step
 
     def token(self, seconds: float, first: bool) -> None:
         (self.ttft if first else self.inter_token).observe(seconds)
@@ -74,9 +81,13 @@ class ServeMetrics:
     def finished(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
 
-    def step(self, queue_depth: int, running: int) -> None:
+    def step(self, queue_depth: int, running: int, cached: int = 0) -> None:
+        """After a step: the queue, the batch, and the prompt cache's running total."""
         self.queue_depth.set(queue_depth)
         self.running.set(running)
+        # The executor counts a running total; the counter takes what is new.
+        self.cached_prompt_tokens.inc(cached - self._cached)
+        self._cached = cached
 
     def memory(self, ranks: list[dict[str, Any]]) -> None:
         self.ranks = sorted(ranks, key=lambda r: r["rank"])

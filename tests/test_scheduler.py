@@ -1,7 +1,8 @@
-"""The serving scheduler's decisions, without a process group or a model.
+"""The serving scheduler's decisions, and one rank's executor of them.
 
-Rank 0's `Scheduler` is plain Python around a queue: these tests submit, cancel and feed it
-tokens by hand and check each step's `Decision` and the events a request gets.
+Rank 0's `Scheduler` is plain Python around a queue: most tests submit, cancel and feed it
+tokens by hand and check each step's `Decision` and the events a request gets. The last ones
+run an `Executor` (what every rank runs) on a real tiny model in this process.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import time
 import mlx.core as mx
 import pytest
 
-from mlxnode.generation import Token
+from mlxnode.config import Config
+from mlxnode.generation import Token, encode_text
+from mlxnode.loading import ShardedModel, load_sharded
 from mlxnode.scheduler import (
     PROBE_PREFIX,
     Decision,
     Delta,
+    Executor,
     Failed,
     Finished,
     Job,
@@ -26,6 +30,7 @@ from mlxnode.scheduler import (
     Request,
     Scheduler,
 )
+from tests.support.tiny_model import make_tiny_model
 
 
 class CharDetokenizer:
@@ -177,13 +182,17 @@ def test_probe_tokens_make_the_server_ready_and_gather_memory():
     assert not s.decide(running=0).gather
 
 
-def test_idle_decisions_come_about_once_a_heartbeat_and_a_submit_wakes_them():
-    s = _scheduler(heartbeat=1.0)
-    s.decide(running=0)  # the probe
-    started = time.monotonic()
-    threading.Timer(0.2, lambda: s.submit(_request("a", []))).start()
-    assert _joined(s.decide(running=0)) == ["a"]
-    assert time.monotonic() - started < 0.9
+def test_a_request_that_arrives_while_idle_joins_the_next_step_not_after_a_heartbeat():
+    s = _scheduler(heartbeat=3600.0)
+    s.submit(_request("a", []))
+    assert _joined(s.decide(running=0)) == ["a"]  # queued already: no wait at all
+    decided: list[Decision] = []
+    waiting = threading.Thread(target=lambda: decided.append(s.decide(running=0)))
+    waiting.start()  # idle: waits on the queue for up to the (hour-long) heartbeat
+    s.submit(_request("b", []))
+    waiting.join(timeout=60)
+    assert not waiting.is_alive(), "an idle decision waited out its heartbeat"
+    assert [_joined(d) for d in decided] == [["b"]]
 
 
 def test_stop_and_failure_reach_every_request():
@@ -201,3 +210,49 @@ def test_stop_and_failure_reach_every_request():
 def test_a_decision_survives_json_as_it_crosses_the_ranks():
     d = Decision(join=[Job("a", [1, 2], 4, 0.5, 0.9, 7)], leave=["b"], gather=True)
     assert Decision.from_json(json.loads(json.dumps(d.to_json()))) == d
+
+
+# -- one rank's executor, on a real model
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> ShardedModel:
+    model = make_tiny_model(tmp_path_factory.mktemp("executor") / "llama", arch="llama")
+    config = Config()
+    config.model.path = str(model)
+    return load_sharded(config)
+
+
+def _run(executor: Executor, *jobs: Job) -> dict[str, list[int]]:
+    """Run `jobs` (joining together) to their end: each one's token ids."""
+    tokens: dict[str, list[int]] = {job.id: [] for job in jobs}
+    executor.apply(Decision(join=list(jobs)))
+    while executor.running:
+        for rid, token in executor.step():
+            tokens[rid].append(token.id)
+    return tokens
+
+
+def test_a_prompt_that_shares_a_prefix_with_a_finished_one_prefills_only_the_rest(sharded):
+    ids = lambda text: encode_text(sharded.tokenizer, text, chat_template=False)  # noqa: E731
+    first = ids("The morning train left the station at dawn")
+    second = ids("The morning train left the station in the rain")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared >= 4
+    fresh = Executor(sharded, max_tokens=8, max_batch=4, prompt_cache=0)
+    expected = _run(fresh, Job("a", first, 8), Job("b", second, 8))
+
+    executor = Executor(sharded, max_tokens=8, max_batch=4)
+    assert _run(executor, Job("a", first, 8)) == {"a": expected["a"]}
+    assert executor.reused_tokens == 0  # nothing to start from yet
+    # Only the tokens after the shared prefix are prefilled, and greedy ids do not change.
+    assert _run(executor, Job("b", second, 8)) == {"b": expected["b"]}
+    assert executor.reused_tokens == shared
+    # The same prompt again: all of it but its last token, whose logits start generation.
+    assert _run(executor, Job("c", second, 8)) == {"c": expected["b"]}
+    assert executor.reused_tokens == shared + len(second) - 1
+    # The probe always runs the model from scratch.
+    _run(executor, Job(f"{PROBE_PREFIX}1", second, 1))
+    assert executor.reused_tokens == shared + len(second) - 1
+    executor.close()
+    fresh.close()

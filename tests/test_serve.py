@@ -368,6 +368,7 @@ def test_health_ready_models_and_metrics(server):
         'mlxnode_requests_total{endpoint="/v1/chat/completions",status="200"}',
         'mlxnode_requests_total{endpoint="/v1/chat/completions",status="400"}',
         "mlxnode_prompt_tokens_total",
+        "mlxnode_prompt_tokens_cached_total",
         "mlxnode_generated_tokens_total",
         "mlxnode_time_to_first_token_seconds_bucket",
         "mlxnode_inter_token_latency_seconds_bucket",
@@ -378,6 +379,11 @@ def test_health_ready_models_and_metrics(server):
     ):
         assert name in text, name
     assert server.metric("mlxnode_generated_tokens_total") > 0
+    # The same prompt twice: the second starts from the first's KV cache.
+    cached = server.metric("mlxnode_prompt_tokens_cached_total")
+    for _ in range(2):
+        server.client().completions.create(model="m", prompt=PROMPT, max_tokens=2)
+    assert server.metric("mlxnode_prompt_tokens_cached_total") > cached
 
 
 # -- a batch of one, a queue of one, an API key
