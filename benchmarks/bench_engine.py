@@ -288,8 +288,9 @@ def _batching_ceiling(model: Path, args) -> dict:
     return {"batched_tps": batched, "sequential_tps": sequential, "ratio": batched / sequential}
 
 
-def _launch(ranks: int, argv: list[str]) -> str:
-    """Run `python ARGV` on `ranks` ring ranks on this machine; rank 0's stdout."""
+def _launch(ranks: int, argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Run `python ARGV` on `ranks` ring ranks on this machine (in `env`: default, ours);
+    rank 0's stdout."""
     command = [sys.executable, *argv]
     if ranks > 1:
         command = [*MLX_LAUNCH, "--backend", BACKEND, "-n", str(ranks),
@@ -302,6 +303,7 @@ def _launch(ranks: int, argv: list[str]) -> str:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env=env,
     )
     try:
         stdout, stderr = process.communicate(timeout=900)

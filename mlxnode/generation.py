@@ -1,8 +1,10 @@
 """Generate with a loaded shard: encode prompts, run them, assemble their completions.
 
-Every rank of a sharded model calls these with the same prompts, seed and sampler: each
-computes the same logits (pipeline: rank 0's hidden state is all-gathered; tensor: the
-partial sums are all-reduced) and so samples the same token.
+Every rank of a sharded model calls these with the same prompts, seed and sampler, and every
+rank gets the same tokens: in a pipeline only rank 0 computes logits and samples, and its
+token ids reach the other ranks in one all-sum per step (`pipeline.TokenSharing`, wrapped
+around every sampler here); under tensor parallelism the partial sums are all-reduced, so
+every rank computes the same logits and samples the same token.
 
 `generate` is the one-shot path: one prompt streams through mlx-lm's `stream_generate`
 (as ``mlx_lm.generate`` does), several run as one batch. The batch goes through a thin step
@@ -20,11 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
 
 from .distributed import peer_errors
 from .errors import InferenceError, UsageError
 from .loading import ShardedModel
+from .pipeline import TokenSharing
 from .prompts import Prompt
+from .strategy import PIPELINE
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +273,9 @@ def generate(
     on_step = on_step or _nothing
     with peer_errors(sharded.rank, "generating"):
         if len(batch) == 1:
+            sharing = _token_sharing(sharded)
+            if sharing is not None:
+                sampler = sharing.share(sampler)
             result = _generate_one(sharded, batch[0], sampler, on_step, on_text or _nothing)
         else:
             result = _generate_batch(sharded, batch, sampler, on_step)
@@ -368,7 +376,8 @@ def batch_generator(
 ) -> Any:
     """mlx-lm's `BatchGenerator` for `sharded`, stopping at the tokenizer's end tokens.
 
-    Call its ``close()`` when done. Every rank must drive its own the same way.
+    Call its ``close()`` when done. Every rank must drive its own the same way. In a
+    pipeline its samplers (its own and each request's) sample on rank 0 only.
 
     Args:
         sharded: This rank's shard.
@@ -377,16 +386,40 @@ def batch_generator(
         max_batch: The most requests generating at once (None: mlx-lm's default); the
             others wait for a place.
     """
-    from mlx_lm.generate import BatchGenerator
+    options: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "stop_tokens": [[t] for t in sorted(sharded.tokenizer.eos_token_ids)],
+    }
+    if max_batch is not None:
+        options["completion_batch_size"] = max_batch
+    sharing = _token_sharing(sharded)
+    if sharing is None:
+        return BatchGenerator(sharded.model, sampler=sampler, **options)
+    return _SharedTokensBatchGenerator(sharded.model, sharing, sampler=sampler, **options)
 
-    sizes = {} if max_batch is None else {"completion_batch_size": max_batch}
-    return BatchGenerator(
-        sharded.model,
-        max_tokens=max_tokens,
-        stop_tokens=[[t] for t in sorted(sharded.tokenizer.eos_token_ids)],
-        sampler=sampler,
-        **sizes,
-    )
+
+class _SharedTokensBatchGenerator(BatchGenerator):
+    """mlx-lm's `BatchGenerator` whose every sampler goes through `sharing`."""
+
+    def __init__(
+        self, model: Any, sharing: TokenSharing, *, sampler: Callable | None, **options: Any
+    ):
+        super().__init__(model, sampler=sharing.share(sampler), **options)
+        self._sharing = sharing
+
+    def insert(self, prompts: Any, *args: Any, samplers: Any = None, **kwargs: Any) -> Any:
+        # None stays None: such requests use the generator's own (shared) sampler, so a
+        # batch of them still samples in one call and shares its tokens in one all-sum.
+        if samplers is not None:
+            samplers = [None if s is None else self._sharing.share(s) for s in samplers]
+        return super().insert(prompts, *args, samplers=samplers, **kwargs)
+
+
+def _token_sharing(sharded: ShardedModel) -> TokenSharing | None:
+    """How the ranks of a pipeline get rank 0's tokens; None where every rank samples."""
+    if sharded.plan.strategy != PIPELINE or sharded.group is None or sharded.world_size == 1:
+        return None
+    return TokenSharing(sharded.group)
 
 
 def insert(

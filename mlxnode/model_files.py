@@ -185,7 +185,7 @@ def check_weight_files(
         raise ModelLoadError(f"cannot read {index}: {e}") from e
     check_layer_coverage(weight_map, layer_count, what=str(model_dir))
     start, end = layers if layers else (0, layer_count)
-    needed = files_for_layers(weight_map, start, end)
+    needed = files_for_layers(weight_map, start, end, head=end == layer_count)
     missing = sorted(f for f in needed if not (model_dir / f).is_file())
     if missing:
         raise ModelLoadError(

@@ -12,9 +12,16 @@ final norms and logit soft-caps keep working as the model wrote them. Rank r hol
 - the first local layer: first receives the hidden state from rank r + 1 (unless it holds
   layer 0);
 - the last local layer: sends its output to rank r - 1 (unless r is 0) and makes its cache
-  depend on the send, since prompt prefill evaluates only the caches;
-- layer n - 1 (rank 0's last, a placeholder elsewhere): all-gathers the hidden state, so every
-  rank normalises and projects rank 0's output and samples the same token.
+  depend on the send, since prompt prefill evaluates only the caches.
+
+Logits once: only rank 0, which holds the last layers, normalises, projects to the vocabulary
+and samples. `drop_head` gives every other rank a weightless stand-in for the head (final norm
+and lm_head, or a tied embedding's projection) whose "logits" are zeros that wait for the
+rank's own sends, so those ranks neither compute nor load the head; `TokenSharing` wraps the
+samplers so that rank 0 samples from its real logits and one all-sum of int32 token ids (the
+other ranks add zeros) gives every rank the same tokens for the next step. mlx-lm's own
+`pipeline()` models get the same head and samplers; their forward pass still all-gathers the
+hidden state, as mlx-lm wrote it.
 
 Backends without send/recv (NCCL in MLX 0.32, see `distributed.point_to_point`) pass the
 hidden state with collectives instead: at the first layer of each rank k < size - 1, every
@@ -42,12 +49,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 
 from . import distributed
 from .errors import ModelLoadError
@@ -75,7 +83,6 @@ class _PipelineSlot(nn.Module):
         group: mx.distributed.Group,
         recv_from: int | None = None,
         send_to: int | None = None,
-        gather: bool = False,
         relay_from: int | None = None,
         sends: bool = True,
     ):
@@ -92,16 +99,13 @@ class _PipelineSlot(nn.Module):
         self._group = group
         self._recv_from = recv_from
         self._send_to = send_to
-        self._gather = gather
         # Backends without send/recv: the rank whose hidden state every rank relays here
         # (send_to and recv_from then only describe the pipeline to `agree_on_wire`'s trace).
         self._relay_from = relay_from
         self._sends = sends
-        # Set by `agree_on_wire`: the dtype the sender's layers produce, rank 0's output
-        # dtype, which every rank's all-gather contribution must share, and the relayed
+        # Set by `agree_on_wire`: the dtype the sender's layers produce, and the relayed
         # rank's output dtype, which every rank's all-sum contribution must share.
         self.recv_dtype: mx.Dtype | None = None
-        self.gather_dtype: mx.Dtype | None = None
         self.relay_dtype: mx.Dtype | None = None
 
     def __getattr__(self, key: str) -> Any:
@@ -136,10 +140,6 @@ class _PipelineSlot(nn.Module):
             h = mx.distributed.send(h, self._send_to, group=self._group)
             if cache is not None:
                 cache.keys = mx.depends(cache.keys, h)
-        if self._gather:
-            if self.gather_dtype is not None:
-                h = h.astype(self.gather_dtype)  # only rank 0's rows are kept
-            h = mx.distributed.all_gather(h, group=self._group)[: h.shape[0]]
         return h
 
     def _relay_hop(self, x: mx.array) -> mx.array:
@@ -153,13 +153,12 @@ class _PipelineSlot(nn.Module):
         return mx.distributed.all_sum(mine, group=self._group)
 
 
-class _CastOutput(nn.Module):
-    """A module whose output is cast to `dtype`; everything else reaches the wrapped one."""
+class _Wrapper(nn.Module):
+    """A module around `inner`: what the subclass does not define reaches the wrapped one."""
 
-    def __init__(self, inner: nn.Module, dtype: mx.Dtype):
+    def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-        self._dtype = dtype
 
     def __getattr__(self, key: str) -> Any:
         if key in self:
@@ -168,6 +167,17 @@ class _CastOutput(nn.Module):
         if inner is None:
             raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
         return getattr(inner, key)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self.inner(*args, **kwargs)
+
+
+class _CastOutput(_Wrapper):
+    """A module whose output is cast to `dtype`."""
+
+    def __init__(self, inner: nn.Module, dtype: mx.Dtype):
+        super().__init__(inner)
+        self._dtype = dtype
 
     def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
         return self.inner(*args, **kwargs).astype(self._dtype)
@@ -222,7 +232,6 @@ def apply_pipeline(
         point_to_point = distributed.point_to_point()
     layers = model.model.layers
     rank, size = group.rank(), group.size()
-    last = len(layers) - 1
     start, end = layer_range(len(layers), rank, size, split=split)
     # The hop from rank k + 1 to rank k comes before rank k's first layer; without send/recv
     # every rank takes part in it there.
@@ -237,9 +246,8 @@ def apply_pipeline(
         local = start <= index < end
         recv_from = rank + 1 if index == start and rank < size - 1 else None
         send_to = rank - 1 if index == end - 1 and rank > 0 else None
-        gather = index == last and size > 1
         relay_from = relays.get(index)
-        if local and recv_from is None and send_to is None and not gather and relay_from is None:
+        if local and recv_from is None and send_to is None and relay_from is None:
             continue  # an interior layer runs untouched
         layers[index] = _PipelineSlot(
             layer,
@@ -248,7 +256,6 @@ def apply_pipeline(
             group=group,
             recv_from=recv_from,
             send_to=send_to,
-            gather=gather,
             relay_from=relay_from,
             sends=point_to_point,
         )
@@ -266,10 +273,112 @@ def _cache_position(layer: nn.Module) -> int | None:
     return params.index("cache") - 2
 
 
+# -- logits once: the head and the sampling on rank 0 only
+
+# The rank that holds the last layers (sharding's convention), and so the only one that
+# projects to the vocabulary and samples.
+SAMPLING_RANK = 0
+
+
+class _NoLogits(nn.Module):
+    """The head of a rank that does not sample: zeros shaped like the logits.
+
+    They cost no memory (a broadcast scalar) and wait for the hidden state, so evaluating
+    a step's token still runs this rank's layers and their sends.
+    """
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self._vocab_size = vocab_size
+
+    def __call__(self, x: mx.array) -> mx.array:
+        zeros = mx.broadcast_to(mx.zeros((1,), dtype=x.dtype), (*x.shape[:-1], self._vocab_size))
+        return mx.depends(zeros, x)
+
+
+class _EmbeddingWithoutHead(_Wrapper):
+    """A tied embedding that still embeds but whose projection (`as_linear`) is `_NoLogits`."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__(inner)
+        self.head = _NoLogits(inner.weight.shape[0])
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.head(x)
+
+
+def drop_head(model: nn.Module, rank: int) -> None:
+    """Give a rank other than `SAMPLING_RANK` a weightless head; call before evaluating weights.
+
+    The final norm (`model.model.norm`) becomes an identity and the projection to the
+    vocabulary (`model.lm_head`, or a tied embedding's `as_linear`) a `_NoLogits`, so these
+    weights are never read (`sharding.files_for_layers` does not fetch them) and no rank but
+    rank 0 multiplies by the vocabulary. A head of another shape stays as it is: its logits
+    are wasted work but harmless, since `TokenSharing` takes every token from rank 0.
+    """
+    if rank == SAMPLING_RANK:
+        return
+    inner = model.model
+    if isinstance(getattr(inner, "norm", None), nn.Module):
+        inner.norm = nn.Identity()
+    head = getattr(model, "lm_head", None)
+    embedding = getattr(inner, "embed_tokens", None)
+    if isinstance(head, nn.Module) and hasattr(head, "weight"):
+        model.lm_head = _NoLogits(head.weight.shape[0])
+    elif hasattr(embedding, "as_linear") and hasattr(embedding, "weight"):
+        inner.embed_tokens = _EmbeddingWithoutHead(embedding)
+    else:
+        logger.debug(
+            "rank %d keeps the head: %s has no lm_head or tied embedding",
+            rank,
+            type(model).__name__,
+        )
+
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+class TokenSharing:
+    """Samplers that sample on `SAMPLING_RANK` and give every rank its token ids.
+
+    A shared sampler runs the real one on rank 0 (the only rank with real logits, see
+    `drop_head`) and puts its ids into an all-sum of int32 to which the other ranks add
+    zeros, so every rank feeds the same tokens into its next step, whatever the sampler's
+    randomness. One instance serves one generator: a step that calls several samplers
+    (requests that sample differently) chains their all-sums, so every rank runs them in
+    the same order.
+    """
+
+    def __init__(self, group: mx.distributed.Group):
+        self._group = group
+        self._samples = group.rank() == SAMPLING_RANK
+        self._previous: mx.array | None = None  # the last all-sum, which the next waits for
+
+    def share(self, sampler: Sampler | None) -> Sampler:
+        """`sampler` (None: greedy) made to sample on rank 0 for every rank."""
+        inner = sampler or greedy_sampler
+
+        def shared(logprobs: mx.array) -> mx.array:
+            return self._all_sum(inner, logprobs)
+
+        return shared
+
+    def _all_sum(self, sampler: Sampler, logprobs: mx.array) -> mx.array:
+        if self._samples:
+            mine = sampler(logprobs).astype(mx.int32)
+        else:
+            # Zeros that wait for the logits' stand-in, and so for this rank's sends.
+            mine = mx.depends(mx.zeros(logprobs.shape[:-1], dtype=mx.int32), logprobs)
+        if self._previous is not None:
+            mine = mx.depends(mine, self._previous)
+        self._previous = mx.distributed.all_sum(mine, group=self._group)
+        return self._previous
+
+
 # -- agreeing on what travels between ranks
 
 
-def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtype]:
+def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtype | None]:
     """Tell every rank the dtype of the hidden state its sender sends; call after wiring.
 
     Works for the generic wrapper and for mlx-lm's own `pipeline()`. Ranks take turns from
@@ -277,7 +386,8 @@ def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtyp
     the dtype it will receive and shares the dtype its layers put out.
 
     Returns:
-        The output dtype of each rank's layers, in rank order.
+        The dtype each rank's layers put out on the wire, in rank order; None for rank 0 of
+        the generic wrapper, whose output goes only into its own head.
 
     Raises:
         ModelLoadError: the trace fails, the hidden state changes shape between ranks, or
@@ -294,6 +404,9 @@ def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtyp
         shared = distributed.all_gather_json(group, mine, what="agreeing on the pipeline's dtypes")
         traces[turn] = shared[turn]
     _check_shapes(traces)
+    silent = [r for r in range(1, size) if traces[r]["dtype"] is None]
+    if silent:
+        raise ModelLoadError(f"rank {silent[0]}'s forward pass neither sends nor gathers")
     dtypes = [_dtype(t["dtype"]) for t in traces]
     incoming = dtypes[rank + 1] if rank + 1 < size else None
     slots = [layer for layer in model.model.layers if isinstance(layer, _PipelineSlot)]
@@ -301,7 +414,6 @@ def agree_on_wire(model: nn.Module, group: mx.distributed.Group) -> list[mx.Dtyp
         _wire_own_pipeline(model, dtypes, incoming)
     for slot in slots:
         slot.recv_dtype = incoming
-        slot.gather_dtype = dtypes[0]
         if slot._relay_from is not None:
             slot.relay_dtype = dtypes[slot._relay_from]
     return dtypes
@@ -319,7 +431,7 @@ def _check_shapes(traces: list[dict[str, Any]]) -> None:
             )
 
 
-def _wire_own_pipeline(model: nn.Module, dtypes: list[mx.Dtype], incoming: mx.Dtype | None):
+def _wire_own_pipeline(model: nn.Module, dtypes: list[mx.Dtype | None], incoming: mx.Dtype | None):
     """mlx-lm's forward gathers each rank's own output and receives into the embedding's dtype."""
     if len(set(dtypes)) > 1:
         names = ", ".join(f"rank {r}: {_name(d)}" for r, d in enumerate(dtypes))
@@ -332,7 +444,7 @@ def _wire_own_pipeline(model: nn.Module, dtypes: list[mx.Dtype], incoming: mx.Dt
 
 
 def _trace(model: nn.Module, incoming: mx.Dtype | None) -> dict[str, Any]:
-    """What this rank's layers put out, from a lazy forward pass that nothing evaluates."""
+    """What this rank's layers send or gather, from a lazy forward pass that nothing evaluates."""
     with _recording_collectives(incoming) as seen:
         try:
             model(mx.array([[0]], dtype=mx.int32), cache=make_prompt_cache(model))
@@ -342,12 +454,10 @@ def _trace(model: nn.Module, incoming: mx.Dtype | None) -> dict[str, Any]:
                 f"pass to agree on the pipeline's dtypes: {type(e).__name__}: {e}"
             ) from e
     out = seen.get("sent", seen.get("gathered"))
-    if out is None:
-        raise ModelLoadError("the pipeline's forward pass neither sends nor gathers")
     received = seen.get("received")
     return {
-        "dtype": _name(out.dtype),
-        "shape": list(out.shape),
+        "dtype": _name(out.dtype) if out is not None else None,
+        "shape": list(out.shape) if out is not None else None,
         "recv_shape": list(received) if received is not None else None,
     }
 

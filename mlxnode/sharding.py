@@ -15,6 +15,10 @@ from .errors import ModelLoadError, UsageError
 
 # Checkpoint keys name their layer as "...layers.<n>." (mlx-lm matches the same way).
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# The head's weights under mlx-lm's names: the final norm and the projection to the vocabulary
+# (absent where the embeddings are tied). Only the rank holding the last layers uses them
+# (`pipeline.drop_head`); the embeddings every rank keeps.
+_HEAD_KEY = re.compile(r"^(?:lm_head|model\.norm)\.")
 
 
 def even_split(num_layers: int, world_size: int) -> list[int]:
@@ -111,14 +115,24 @@ def layer_of_key(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def files_for_layers(weight_map: Mapping[str, str], start: int, end: int) -> set[str]:
-    """Files holding layers [start, end) plus every non-layer weight (embeddings, norm, head)."""
+def files_for_layers(
+    weight_map: Mapping[str, str], start: int, end: int, *, head: bool = True
+) -> set[str]:
+    """Files holding layers [start, end) and the non-layer weights (embeddings...), the
+    head's (final norm, lm_head) only with `head`: a pipeline gives it to the rank that holds
+    the last layer (`head=end == num_layers`)."""
     files: set[str] = set()
     for key, filename in weight_map.items():
         layer = layer_of_key(key)
-        if layer is None or start <= layer < end:
+        wanted = (head or not is_head_key(key)) if layer is None else start <= layer < end
+        if wanted:
             files.add(filename)
     return files
+
+
+def is_head_key(key: str) -> bool:
+    """Whether a checkpoint key is one of the head's weights (final norm, lm_head)."""
+    return _HEAD_KEY.match(key) is not None
 
 
 def checkpoint_layers(weight_map: Mapping[str, str]) -> set[int]:

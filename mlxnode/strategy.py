@@ -21,7 +21,7 @@ import mlx.nn as nn
 from .distributed import FULL_MESH_BACKENDS, transport_for
 from .errors import ModelLoadError, UsageError
 from .formatting import format_bytes
-from .pipeline import agree_on_wire, apply_pipeline, generic_pipeline_problem
+from .pipeline import agree_on_wire, apply_pipeline, drop_head, generic_pipeline_problem
 from .sharding import layer_range, resolve_split
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def apply_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -
                 )
         else:
             apply_pipeline(model, group, plan.split)
+        drop_head(model, group.rank())
 
 
 def connect_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group) -> None:

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from filelock import FileLock
 from mlx_lm.utils import load_model
@@ -49,7 +50,12 @@ METADATA = [
 # tiny-llama's layout: shard k holds layers 2k-2 and 2k-1; the embeddings sit in the
 # first shard, the final norm and lm_head in the last.
 SHARD_LAYERS = {SHARDS[k]: {2 * k, 2 * k + 1} for k in range(4)}
-NON_LAYER_SHARDS = {SHARDS[0], SHARDS[3]}
+EMBEDDING_SHARD, HEAD_SHARD = SHARDS[0], SHARDS[3]
+NON_LAYER_SHARDS = {EMBEDDING_SHARD, HEAD_SHARD}
+# One layer a file (embeddings with layer 0 in the first, the head with the last layer in the
+# last), published by `fine_grained`: the layout where a rank's slack is easiest to see.
+TINY_FINE = "mlxnode-test/tiny-fine"
+FINE_LAYERS = 12
 
 
 @pytest.fixture
@@ -102,9 +108,9 @@ def _cli_env(hub, cache_dir: Path, extra: dict | None = None) -> dict[str, str]:
 
 
 def _expected_shards(start: int, end: int) -> set[str]:
-    return NON_LAYER_SHARDS | {
-        f for f, layers in SHARD_LAYERS.items() if layers & {*range(start, end)}
-    }
+    """Embeddings for every rank, the head only for the one holding the last layer."""
+    non_layer = {EMBEDDING_SHARD} | ({HEAD_SHARD} if end == 8 else set())
+    return non_layer | {f for f, layers in SHARD_LAYERS.items() if layers & {*range(start, end)}}
 
 
 def _sha256(path: Path) -> str:
@@ -170,6 +176,43 @@ def test_pipeline_rank_fetches_only_its_files(hub, tmp_path, world_size, split, 
             _hub_file(hub, TINY_LLAMA, f).stat().st_size for f in expected
         )
         assert sorted(p.name for p in model.path.iterdir()) == sorted(METADATA + [*expected])
+
+
+@pytest.fixture
+def fine_grained(hub) -> str:
+    from tests.support.tiny_model import make_tiny_model
+
+    if not (hub.root / TINY_FINE).exists():  # the Hub lives for the session
+        make_tiny_model(
+            hub.root / TINY_FINE, arch="llama", num_layers=FINE_LAYERS, num_shards=FINE_LAYERS
+        )
+    return TINY_FINE
+
+
+def test_a_middle_rank_fetches_its_layers_the_embeddings_and_at_most_one_file_more(
+    hub, tmp_path, fine_grained
+):
+    """Logits once: no rank but rank 0 fetches the head (final norm, lm_head)."""
+    index = json.loads(_hub_file(hub, fine_grained, "model.safetensors.index.json").read_text())
+    files = [_hub_file(hub, fine_grained, name) for name in set(index["weight_map"].values())]
+    tensors = {k: v.nbytes for f in files for k, v in mx.load(str(f)).items()}  # key -> bytes
+    largest_file = max(f.stat().st_size for f in files)
+    start, end = sharding.layer_range(FINE_LAYERS, 1, 3)
+    share = sum(n for k, n in tensors.items() if sharding.layer_of_key(k) in range(start, end))
+    embeddings = sum(n for k, n in tensors.items() if k.startswith("model.embed_tokens."))
+
+    model = _manager(hub, tmp_path / "rank1").ensure_model(
+        fine_grained, RankSpec(ranks=[1], world_size=3, strategy="pipeline")
+    )
+    fetched = hub.stats.file_bytes(f"{fine_grained}/*.safetensors")
+    assert fetched <= share + embeddings + largest_file, (fetched, share, embeddings)
+    head_file = index["weight_map"]["lm_head.weight"]
+    assert head_file not in model.files
+    # The rank holding the last layers still gets the head.
+    last = _manager(hub, tmp_path / "rank0").ensure_model(
+        fine_grained, RankSpec(ranks=[0], world_size=3, strategy="pipeline")
+    )
+    assert head_file in last.files
 
 
 def test_ranks_on_one_host_get_the_union(manager):
@@ -563,14 +606,14 @@ def test_the_ref_moves_only_once_the_new_commit_is_complete(hub, cache_dir):
 
 
 def test_offline_names_a_truncated_file_with_its_size(manager, hub, cache_dir):
-    model = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[3], world_size=4, strategy="pipeline"))
+    model = manager.ensure_model(TINY_LLAMA, RankSpec(ranks=[0], world_size=4, strategy="pipeline"))
     target = model.path / SHARDS[3]
     size = target.stat().st_size
     with target.open("r+b") as f:
         f.truncate(size // 2)
     offline = _manager(hub, cache_dir, offline=True)
     with pytest.raises(CacheError) as excinfo:
-        offline.ensure_model(TINY_LLAMA, RankSpec(ranks=[3], world_size=4, strategy="pipeline"))
+        offline.ensure_model(TINY_LLAMA, RankSpec(ranks=[0], world_size=4, strategy="pipeline"))
     assert f"1 of the wrong size: {SHARDS[3]} ({size // 2} bytes, expected {size})" in str(
         excinfo.value
     )
@@ -615,8 +658,8 @@ def test_verify_detects_a_flipped_byte_and_force_repairs_it(manager, cache_dir, 
 
 
 def test_verify_checks_the_ranks_the_cache_was_prewarmed_for(hub, cache_dir):
-    # Rank 1 of a 2-way pipeline (split 4,4) holds layers 0-3: shards 1, 2 and the last
-    # shard (the head); shard 3 is rank 0's alone. Checking the whole model called this
+    # Rank 1 of a 2-way pipeline (split 4,4) holds layers 0-3: shards 1 and 2; shards 3
+    # and 4 (the head) are rank 0's alone. Checking the whole model called this
     # correct cache broken and said to download everything.
     rank1 = ["--rank", "1", "--world-size", "2", "--strategy", "pipeline", "--split", "4,4"]
     prewarmed = _cli(hub, cache_dir, "prewarm", TINY_LLAMA, *rank1, "--json", "--quiet")
@@ -811,11 +854,7 @@ def test_prewarm_json_reports_changed_for_idempotence(hub, cache_dir):
     assert first.returncode == 0, first.stderr
     result = json.loads(first.stdout)
     assert result["changed"] is True and result["commit"] == hub.commit_sha(TINY_LLAMA)
-    assert {n["file"] for n in result["needed"]} == set(METADATA) | {
-        SHARDS[0],
-        SHARDS[1],
-        SHARDS[3],
-    }
+    assert {n["file"] for n in result["needed"]} == set(METADATA) | {SHARDS[0], SHARDS[1]}
     assert (
         result["fetched_bytes"]
         == result["needed_bytes"]
@@ -833,11 +872,11 @@ def test_prewarm_dry_run_lists_files_without_downloading_weights(hub, cache_dir)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["dry_run"] is True and plan["changed"] is False
-    assert plan["missing"] == [SHARDS[0], SHARDS[2], SHARDS[3]]
+    assert plan["missing"] == [SHARDS[0], SHARDS[2]]
     assert hub.stats.file_gets("*.safetensors") == 0
 
     text = _cli(hub, cache_dir, *args[:-1], "--dry-run")
-    assert "would fetch 3 files" in text.stdout
+    assert "would fetch 2 files" in text.stdout
 
 
 def test_prewarm_pipeline_without_a_rank_is_a_usage_error(hub, cache_dir):

@@ -39,11 +39,11 @@ def _shards(*numbers: int, of: int) -> set[str]:
 
 # Written out by hand, not computed by mlxnode: tiny-llama's shard k holds layers 2k-2 and
 # 2k-1, the embeddings sit in shard 1 and the final norm and head in shard 4; every rank
-# needs both (mlx-lm computes the logits on every rank).
+# needs the embeddings, only rank 0 (the last layers, the only one computing logits) the head.
 NEEDED = {
     0: METADATA | _shards(1, 3, 4, of=4),  # layers 4-7
-    1: METADATA | _shards(1, 2, 4, of=4),  # layers 2-3
-    2: METADATA | _shards(1, 4, of=4),  # layers 0-1
+    1: METADATA | _shards(1, 2, of=4),  # layers 2-3
+    2: METADATA | _shards(1, of=4),  # layers 0-1
 }
 # 64 layers, one a file (embeddings in file 1, head in file 64), split by memory weights
 # equal to 4 significant digits: any rounding of them moves a layer, and so a file.
@@ -52,8 +52,8 @@ MEMORY = [34358465949, 34358546518, 34357273877]
 WIDE_SPLIT = [21, 22, 21]  # rank 0 holds layers 43-63, rank 1 21-42, rank 2 0-20
 WIDE_NEEDED = {
     0: METADATA | _shards(1, *range(44, 65), of=64),
-    1: METADATA | _shards(1, *range(22, 44), 64, of=64),
-    2: METADATA | _shards(*range(1, 22), 64, of=64),
+    1: METADATA | _shards(1, *range(22, 44), of=64),
+    2: METADATA | _shards(*range(1, 22), of=64),
 }
 # The real 4-bit SmolLM2 (tests.support.real_model): 30 layers over 8 files, embeddings
 # with layers 0-3 in file 1, the final norm with layers 27-29 in file 8 (tied: no head).
@@ -61,8 +61,8 @@ REAL = "mlxnode-test/SmolLM2-135M-Instruct-4bit"
 REAL_SPLIT = [14, 10, 6]  # rank 0 holds layers 16-29, rank 1 6-15, rank 2 0-5
 REAL_NEEDED = {
     0: METADATA | {"generation_config.json"} | _shards(1, 5, 6, 7, 8, of=8),
-    1: METADATA | {"generation_config.json"} | _shards(1, 2, 3, 4, 5, 8, of=8),
-    2: METADATA | {"generation_config.json"} | _shards(1, 2, 8, of=8),
+    1: METADATA | {"generation_config.json"} | _shards(1, 2, 3, 4, 5, of=8),
+    2: METADATA | {"generation_config.json"} | _shards(1, 2, of=8),
 }
 PROMPT = "The morning train left the station"
 MAX_TOKENS = 12

@@ -479,6 +479,32 @@ def test_two_ranks_answer_as_mlxnode_run(pair, monkeypatch):
     assert 'rank="0"' in text and 'rank="1"' in text
 
 
+def test_two_ranks_sample_seeded_requests_in_one_batch_with_greedy_ones(pair):
+    """Only rank 0 draws (`pipeline.TokenSharing`): requests that sample differently share
+    a step, each with its own sampler, and every rank feeds rank 0's tokens on."""
+    client = pair.client()
+
+    def ask(seed: int | None) -> str:
+        sampling = {"temperature": 1.0, "top_p": 0.9, "seed": seed} if seed else {}
+        answer = client.completions.create(
+            model="m", prompt=PROMPT, max_tokens=MAX_TOKENS, **sampling
+        )
+        return answer.choices[0].text
+
+    seeds = (None, 5, 6)
+    solo = {seed: ask(seed) for seed in seeds}
+    assert len(set(solo.values())) == 3  # two draws and the greedy answer
+    together: dict[int | None, str] = {}
+    threads = [
+        threading.Thread(target=lambda s=seed: together.__setitem__(s, ask(s))) for seed in seeds
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert together == solo
+
+
 def test_idle_ranks_outlast_the_step_timeout_but_a_hung_one_turns_ready_to_503(pair):
     """The last test of `pair`: it stops rank 1 (SIGSTOP) for good."""
     # Idle for longer than the step timeout: the heartbeat decisions keep every rank alive.

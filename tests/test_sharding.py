@@ -13,26 +13,28 @@ from mlx_lm.utils import load_model
 
 from mlxnode import sharding
 from mlxnode.errors import UsageError
+from mlxnode.pipeline import drop_head
 
 NUM_LAYERS = 8
 # The tiny qwen2's four files: file k holds layers 2k-2 and 2k-1; the embeddings sit in the
-# first, the final norm and lm_head in the last, so every pipeline rank needs both.
+# first, the final norm and lm_head in the last. Every rank needs the embeddings; only rank 0,
+# which holds the last layers, needs the head (logits once: `pipeline.drop_head`).
 F1, F2, F3, F4 = (f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5))
 # (world size, split, per rank: its layers [start, end) and the files that hold exactly
-# them plus the non-layer weights). Written out by hand; None is mlx-lm's even split.
+# them plus the embeddings, and the head on rank 0). Written out by hand; None is mlx-lm's
+# even split.
 SPLITS = [
-    (2, None, [((4, 8), {F1, F3, F4}), ((0, 4), {F1, F2, F4})]),
-    (3, None, [((5, 8), {F1, F3, F4}), ((2, 5), {F1, F2, F3, F4}), ((0, 2), {F1, F4})]),
-    (4, None, [((6, 8), {F1, F4}), ((4, 6), {F1, F3, F4}), ((2, 4), {F1, F2, F4}),
-               ((0, 2), {F1, F4})]),
-    (2, [5, 3], [((3, 8), {F1, F2, F3, F4}), ((0, 3), {F1, F2, F4})]),
+    (2, None, [((4, 8), {F1, F3, F4}), ((0, 4), {F1, F2})]),
+    (3, None, [((5, 8), {F1, F3, F4}), ((2, 5), {F1, F2, F3}), ((0, 2), {F1})]),
+    (4, None, [((6, 8), {F1, F4}), ((4, 6), {F1, F3}), ((2, 4), {F1, F2}), ((0, 2), {F1})]),
+    (2, [5, 3], [((3, 8), {F1, F2, F3, F4}), ((0, 3), {F1, F2})]),
     (2, [1, 7], [((7, 8), {F1, F4}), ((0, 7), {F1, F2, F3, F4})]),
-    (3, [3, 3, 2], [((5, 8), {F1, F3, F4}), ((2, 5), {F1, F2, F3, F4}), ((0, 2), {F1, F4})]),
-    (3, [1, 6, 1], [((7, 8), {F1, F4}), ((1, 7), {F1, F2, F3, F4}), ((0, 1), {F1, F4})]),
-    (4, [2, 1, 4, 1], [((6, 8), {F1, F4}), ((5, 6), {F1, F3, F4}), ((1, 5), {F1, F2, F3, F4}),
-                       ((0, 1), {F1, F4})]),
-    (4, [1, 1, 1, 5], [((7, 8), {F1, F4}), ((6, 7), {F1, F4}), ((5, 6), {F1, F3, F4}),
-                       ((0, 5), {F1, F2, F3, F4})]),
+    (3, [3, 3, 2], [((5, 8), {F1, F3, F4}), ((2, 5), {F1, F2, F3}), ((0, 2), {F1})]),
+    (3, [1, 6, 1], [((7, 8), {F1, F4}), ((1, 7), {F1, F2, F3, F4}), ((0, 1), {F1})]),
+    (4, [2, 1, 4, 1], [((6, 8), {F1, F4}), ((5, 6), {F1, F3}), ((1, 5), {F1, F2, F3}),
+                       ((0, 1), {F1})]),
+    (4, [1, 1, 1, 5], [((7, 8), {F1, F4}), ((6, 7), {F1, F4}), ((5, 6), {F1, F3}),
+                       ((0, 5), {F1, F2, F3})]),
 ]  # fmt: skip
 
 
@@ -66,6 +68,7 @@ def weight_map(qwen2_dir: Path) -> dict[str, str]:
 def _pipelined(model_dir: Path, rank: int, size: int, split: list[int] | None):
     model, _ = load_model(model_dir, lazy=True, strict=False)
     model.model.pipeline(FakeGroup(rank, size), split)
+    drop_head(model, rank)
     return model
 
 
@@ -85,7 +88,7 @@ def test_rank_files_are_exactly_what_mlx_lm_keeps(
 ):
     assert set(weight_map.values()) == {F1, F2, F3, F4}, "the layout these cases assume"
     for rank, ((start, end), expected) in enumerate(ranks):
-        files = sharding.files_for_layers(weight_map, start, end)
+        files = sharding.files_for_layers(weight_map, start, end, head=end == NUM_LAYERS)
         assert files == expected, (rank, sorted(files))
         model = _pipelined(qwen2_dir, rank, size, split)
         kept = {key for key, _ in tree_flatten(model.parameters())}
@@ -172,7 +175,7 @@ def test_impossible_layouts_raise_usage_error():
         sharding.layer_range(8, 2, 2)
 
 
-def test_files_for_layers_keeps_non_layer_weights():
+def test_files_for_layers_keeps_non_layer_weights_and_the_head_only_when_asked():
     weight_map = {
         "model.embed_tokens.weight": "a",
         "model.layers.0.mlp.weight": "a",
@@ -182,4 +185,7 @@ def test_files_for_layers_keeps_non_layer_weights():
         "lm_head.weight": "d",
     }
     assert sharding.files_for_layers(weight_map, 1, 2) == {"a", "b", "c", "d"}
+    # A rank without the last layer: the embeddings, but not the final norm or lm_head.
+    assert sharding.files_for_layers(weight_map, 1, 2, head=False) == {"a", "b"}
+    assert sharding.files_for_layers(weight_map, 2, 3, head=True) == {"a", "c", "d"}
     assert sharding.checkpoint_layers(weight_map) == {0, 1, 2}

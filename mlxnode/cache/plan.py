@@ -184,7 +184,7 @@ def plan_files(
     for rank in spec.ranks:
         start, end = sharding.layer_range(layers, rank, spec.world_size, split=split)
         ranges[rank] = (start, end)
-        needed |= sharding.files_for_layers(weight_map, start, end)
+        needed |= sharding.files_for_layers(weight_map, start, end, head=end == layers)
     return FilePlan(tuple(meta), tuple(sorted(needed)), layers, tuple(split), ranges)
 
 
