@@ -232,13 +232,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN201 - x
     """pytest-xdist's scheduler for `make test`'s workers: the multi-host tests as one unit.
 
     They share the session's one provisioned testbed (the `cluster` fixture), so they must
-    run on one worker; every other test goes wherever a worker is free. (xdist's own
-    `--dist loadgroup` marks the group in a node id that pytest 9 no longer lets it change.)
+    run on one worker; every other module goes, whole, wherever a worker is free (its
+    module-scoped servers and models are made once, and its tests run in their order).
+    xdist's own `--dist loadgroup` marks the group in a node id that pytest 9 no longer
+    lets it change.
     """
     from xdist.scheduler import LoadScopeScheduling
 
     class TestbedTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "testbed" if nodeid.split("::")[0] in TESTBED_MODULES else nodeid
+            module = nodeid.split("::")[0]
+            return "testbed" if module in TESTBED_MODULES else module
 
     return TestbedTogether(config, log)
