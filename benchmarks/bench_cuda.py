@@ -403,7 +403,11 @@ def main() -> None:
     parser.add_argument("--backend", default="nccl")
     parser.add_argument("--gpus", type=int, default=None, help="ranks for the multi-GPU rows")
     parser.add_argument("--small", action="store_true", help="a tiny model, for a CPU smoke test")
+    parser.add_argument("--table", type=Path, help="only print the table of this results file")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     started = time.perf_counter()
 
     from tests.support.tiny_model import make_tiny_model
@@ -443,7 +447,38 @@ def main() -> None:
     for length, batch in sorted(((n, b) for n in lengths for b in batches), key=_tokens):
         run_cell(table, length, batch, gpus, model, work, args)
     table.save()
-    print(json.dumps(report["summary"], indent=1), flush=True)
+    print(markdown(report), flush=True)
+
+
+def markdown(report: dict) -> str:
+    """The README's table of a results file: one line per row measured, then what did not run."""
+    rows = {r["name"]: r for r in report["results"]}
+    summary = report["summary"]
+    lines = [
+        "| prompt | batch | run | decode tok/s | prefill tok/s | time to first token | "
+        "vs mlx-lm / 1 GPU | greedy ids |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in summary.items():
+        row = rows[name]
+        run = f"{row['tool']}, {row['ranks']} GPU{'s' if row['ranks'] > 1 else ''}"
+        run += f", {row['strategy']}" if row["ranks"] > 1 else ""
+        head = f"| {row['prompt_tokens']} | {row['batch']} | {run} |"
+        if isinstance(entry, str):
+            error = row["errors"][0]["stderr_tail"].strip().splitlines() if row["errors"] else []
+            lines.append(f"{head} {entry}: {error[-1] if error else ''} | | | | |")
+            continue
+        ratio = entry.get("vs_mlx_lm", entry.get("vs_one_gpu"))
+        ttft = entry["ttft_seconds"]
+        ids = entry.get("ids_equal_mlx_lm", entry.get("ids_equal_one_gpu"))
+        lines.append(
+            f"{head} {entry['generation_tps']} | {entry['prompt_tps']} | "
+            f"{'' if ttft is None else f'{ttft:.3f} s'} | {'' if ratio is None else ratio} | "
+            f"{'' if ids is None else ('equal' if ids else 'differ')} |"
+        )
+    for skipped in report["skipped"]:
+        lines.append(f"| | | {skipped['name']}: not run ({skipped['why']}) | | | | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
