@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict) -> str:
     rep, one, mem = r["replicas"], r["single_stream"], r["memory"]
     lines = [
-        f"## Throughput, 2 testbed hosts pinned to 1 core each ({r['machine']['cpus']} cores)",
+        f"## Throughput, 2 testbed hosts pinned to 1 core each ({r['machine']['cpu_count']} cores)",
         "",
         "| measurement | result | goal |",
         "|---|---|---|",
