@@ -14,7 +14,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
-from test_engine import MAX_TOKENS, PROMPT, mlxnode_run, reference
+from test_engine import MAX_TOKENS, PROMPT, mlxnode_run, reference, sampled_ids
 
 from mlxnode.pipeline import SAMPLING_RANK, drop_head
 from tests.support.tiny_model import make_tiny_model
@@ -104,17 +104,6 @@ def test_sampled_tokens_are_rank_zeros_on_every_rank(tmp_path, arch, hops):
     """With temperature > 0 only rank 0 draws; were another rank to feed its own draw into
     its next step, the ranks would part and the text would differ from one process's."""
     model = make_tiny_model(tmp_path / arch, arch=arch, num_layers=6)
-    sampling = ["--temperature", "1.5", "--top-p", "0.95", "--seed", "7"]
-    runs = {}
-    for ranks in (1, 3):
-        out = tmp_path / f"out{ranks}.jsonl"
-        job = mlxnode_run(
-            ranks,
-            "--model-path", model, "--strategy", "pipeline" if ranks > 1 else "auto",
-            "--no-chat-template", "--max-tokens", "24", *sampling, "--output", out, PROMPT,
-            cwd=tmp_path,
-            env={"MLXNODE_PIPELINE_HOPS": hops},
-        )  # fmt: skip
-        assert job.returncode == 0 and not job.rank_codes, job.stderr
-        runs[ranks] = job.records(out)[0]["token_ids"]
-    assert runs[3] == runs[1]
+    env = {"MLXNODE_PIPELINE_HOPS": hops}
+    one = sampled_ids(model, 1, tmp_path, "--strategy", "auto", env=env)
+    assert sampled_ids(model, 3, tmp_path, "--strategy", "pipeline", env=env) == one
