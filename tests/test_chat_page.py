@@ -101,10 +101,16 @@ def test_the_chat_page_streams_the_apis_greedy_answer_and_shows_the_ranks(
             assert "tokens/s" in stats and f"{MAX_TOKENS} tokens" in stats, stats
 
             # Both ranks and their host, once the page has read /v1/cluster with the key.
-            WebDriverWait(browser, 10).until(
-                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cluster tr.rank")) == 2
-            )
-            rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#cluster tr.rank")]
+            # The page redraws the table on every poll, so the rows are read in one
+            # script call: element handles found earlier can go stale in between.
+            def rank_rows(driver) -> list[str] | None:
+                rows = driver.execute_script(
+                    "return [...document.querySelectorAll('#cluster tr.rank')]"
+                    ".map(r => r.innerText);"
+                )
+                return rows if len(rows) == 2 else None
+
+            rows = WebDriverWait(browser, 10).until(rank_rows)
             assert [r.split()[0] for r in rows] == ["0", "1"], rows
             assert "2 rank(s)" in browser.find_element(By.ID, "model").text
             assert browser.find_element(By.ID, "ready").text == "ready"
