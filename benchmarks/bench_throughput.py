@@ -16,6 +16,12 @@ private /tmp and run by path.
    uneven limits, memory weights (mlxnode_memory_weight, as the inventory sets them) split
    the layers so that each host fits.
 
+4. Overlapped pipeline (`--overlap`, the default, vs `--no-overlap`), both hosts, q4 model:
+   (a) time to first token of a ~2,000-token prompt (chunked prefill); target <= 0.6x of the
+   non-overlapped run. (b) a batch of 8 prompts: aggregate generated tok/s (one micro-batch
+   per stage); target >= 1.7x. Token ids must be identical. The two runs alternate in each
+   repetition.
+
 Writes benchmarks/results/throughput.json and a Markdown table on stdout.
 
     sudo .venv/bin/python benchmarks/bench_throughput.py [--reps 5] [--max-tokens 24]
@@ -188,6 +194,68 @@ def bench_single_stream(bed: Testbed, reps: int, max_tokens: int) -> dict:
     }
 
 
+def long_prompt(tokens: int) -> str:
+    """Plain text that the model's tokenizer reads as about `tokens` tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(real_model("q4")))
+    sentence = "The river carried the boat past the mill, the bridge and the quiet fields. "
+    per = len(tokenizer.encode(sentence))
+    return sentence * max(1, tokens // per)
+
+
+def bench_overlap(bed: Testbed, reps: int, *, prompt_tokens: int, batch: int, max_tokens: int
+                  ) -> dict:  # fmt: skip
+    """The pipeline over both hosts with and without --overlap: long-prompt TTFT, batch tok/s."""
+    long_file = bed.state_dir / "hosts" / "h1" / "tmp" / "long.jsonl"
+    long_file.write_text(json.dumps({"id": 0, "prompt": long_prompt(prompt_tokens)}) + "\n")
+    common = ["--model-path", MODELS["q4"], "--strategy", "pipeline", "--no-chat-template"]
+    prefill = ["--prompts-file", "/tmp/long.jsonl", "--max-tokens", "1"]
+    decode = ["--prompts-file", "/tmp/batch.jsonl", "--max-tokens", str(max_tokens)]
+    batch_file = bed.state_dir / "hosts" / "h1" / "tmp" / "batch.jsonl"
+    batch_file.write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:batch]))
+    )
+    ttft: dict[str, list[float]] = {"overlap": [], "no_overlap": []}
+    tps: dict[str, list[float]] = {"overlap": [], "no_overlap": []}
+    ids: dict[str, list] = {}
+    for rep in range(reps):
+        for name, flag in (("no_overlap", "--no-overlap"), ("overlap", "--overlap")):
+            long = run(bed, *common, *prefill, flag, hosts=2)
+            many = run(bed, *common, *decode, flag, hosts=2)
+            assert long["metrics"]["overlap"] == (name == "overlap"), long["metrics"]
+            ttft[name].append(long["metrics"]["ttft_seconds"])
+            tps[name].append(_aggregate(many))
+            ids.setdefault(name, [r["token_ids"] for r in long["records"] + many["records"]])
+            prompt_len = long["metrics"]["prompt_tokens"]
+        print(f"  rep {rep + 1}: TTFT {ttft['no_overlap'][-1]:.1f} -> {ttft['overlap'][-1]:.1f}"
+              f" s, batch {tps['no_overlap'][-1]:.1f} -> {tps['overlap'][-1]:.1f} tok/s",
+              file=sys.stderr)  # fmt: skip
+    median = {k: statistics.median(v) for k, v in ttft.items()}
+    median_tps = {k: statistics.median(v) for k, v in tps.items()}
+    return {
+        "split": many["metrics"]["split"],
+        "prefill": {
+            "prompt_tokens": prompt_len,
+            "ttft_s": ttft,
+            "median_ttft_s": median,
+            "ratio": median["overlap"] / median["no_overlap"],
+            "goal": 0.6,
+            "limit": 0.5,
+        },
+        "decode": {
+            "batch": batch,
+            "max_tokens": max_tokens,
+            "generation_tokens": many["metrics"]["generation_tokens"],
+            "tps": tps,
+            "median_tps": median_tps,
+            "ratio": median_tps["overlap"] / median_tps["no_overlap"],
+            "goal": 1.7,
+        },
+        "token_ids_equal": ids["overlap"] == ids["no_overlap"],
+    }
+
+
 def bench_memory(bed: Testbed, even: str, uneven: dict[str, str], max_tokens: int) -> dict:
     model = real_model("bfloat16")
     model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
@@ -231,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-tokens", type=int, default=32)
     parser.add_argument("--memory", default="340M", help="each host's limit, both hosts")
     parser.add_argument("--uneven", default="h1=420M,h2=300M")
+    parser.add_argument("--long-prompt", type=int, default=2000, help="tokens, overlap (a)")
+    parser.add_argument("--batch-tokens", type=int, default=24, help="per prompt, overlap (b)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput.json")
     parser.add_argument(
         "--only",
-        choices=("replicas", "memory", "single_stream"),
+        choices=("replicas", "memory", "single_stream", "overlap"),
         action="append",
         help="measure only these phases, keeping the others' results in --out",
     )
@@ -284,6 +354,16 @@ def main(argv: list[str] | None = None) -> int:
             ("replicas", lambda: bench_replicas(bed, args.reps, args.max_tokens)),
             ("memory", lambda: bench_memory(bed, args.memory, uneven, 8)),
             ("single_stream", lambda: bench_single_stream(bed, args.reps, args.single_tokens)),
+            (
+                "overlap",
+                lambda: bench_overlap(
+                    bed,
+                    args.reps,
+                    prompt_tokens=args.long_prompt,
+                    batch=8,
+                    max_tokens=args.batch_tokens,
+                ),
+            ),
         ):
             if args.only and phase not in args.only:
                 continue
@@ -327,6 +407,20 @@ def markdown(r: dict) -> str:
             peaks = ", ".join(f"{p:.0f}" for p in e["peak_memory_mib"])
             outcome = f"runs, split {e['split']}, peak MiB {peaks}"
         lines.append(f"| {mem['model_mib']:.0f} MiB bf16 model: {label} | {outcome} | |")
+    if "overlap" in r:
+        ov = r["overlap"]
+        pre, dec = ov["prefill"], ov["decode"]
+        lines += [
+            f"| pipeline on 2 hosts (split {ov['split']}), {pre['prompt_tokens']}-token prompt: "
+            f"TTFT --no-overlap / --overlap | {pre['median_ttft_s']['no_overlap']:.1f} s / "
+            f"{pre['median_ttft_s']['overlap']:.1f} s | |",
+            f"| overlapped / plain TTFT | {pre['ratio']:.2f}x | <= 0.6x (limit 0.5x) |",
+            f"| same pipeline, batch of {dec['batch']} x {dec['max_tokens']} tokens: "
+            f"--no-overlap / --overlap | {dec['median_tps']['no_overlap']:.1f} / "
+            f"{dec['median_tps']['overlap']:.1f} tok/s | |",
+            f"| overlapped / plain batch tok/s | {dec['ratio']:.2f}x | >= 1.7x |",
+            f"| greedy ids identical with and without overlap | {ov['token_ids_equal']} | True |",
+        ]
     lines += ["", f"took {r['seconds']:.0f} s; results in benchmarks/results/throughput.json"]
     return "\n".join(lines)
 

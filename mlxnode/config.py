@@ -136,6 +136,13 @@ class DistributedConfig:
     weights: list[float] | None = field(
         default=None, metadata={"help": "Relative memory per rank; layers are split by it."}
     )
+    overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep every pipeline stage busy: prompts in chunks, batches in one "
+            "micro-batch per stage."
+        },
+    )
     step_timeout: float = field(
         default=DEFAULT_STEP_TIMEOUT,
         metadata={"help": "Seconds a rank waits on its peers before giving up.", "min": 0.0},

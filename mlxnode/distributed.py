@@ -85,6 +85,34 @@ def control_stream() -> Any:
     return _transport.stream
 
 
+_hops: Any = None  # the stream `hop_stream` made, once
+
+
+def hop_stream() -> Any:
+    """The stream for a pipeline's hops and shared tokens (None: the default stream).
+
+    On backends with send/recv, a CPU stream of their own: a rank waiting there for its
+    neighbour (a receive, the step's token all-sum) does not hold up the layers it can
+    already compute for another micro-batch or prompt chunk, which run on mlx-lm's
+    generation stream. Every rank queues its hops in the same order on this one stream, so
+    their bytes never interleave. GPU-stream backends (nccl) keep the default stream.
+    """
+    global _hops
+    if _transport.stream is None or not _transport.point_to_point:
+        return None
+    if _hops is None:
+        _hops = mx.new_stream(mx.cpu)
+    return _hops
+
+
+def settle(*streams: Any) -> None:
+    """Wait for `streams` and the hop stream: what they queued may hold collectives, and a
+    control-plane collective that overtook them would read their bytes."""
+    for stream in (*streams, hop_stream()):
+        if stream is not None:
+            mx.synchronize(stream)
+
+
 def point_to_point() -> bool:
     """Whether the pipeline passes hidden states with send/recv (else with collectives)."""
     return _transport.point_to_point
@@ -107,6 +135,7 @@ def join_group(backend: str) -> mx.distributed.Group:
     transport = transport_for(backend)
     strict = launched()
     try:
+        threads_before = _thread_ids()
         group = mx.distributed.init(strict=strict, backend=backend)
     except RuntimeError as e:
         rank = env_rank()[0]
@@ -126,7 +155,33 @@ def join_group(backend: str) -> mx.distributed.Group:
         )
     set_rank(group.rank(), group.size())
     _transport = transport
+    if group.size() > 1 and backend in ("ring", "any"):
+        _yield_to_compute(_thread_ids() - threads_before)
     return group
+
+
+def _thread_ids() -> set[int]:
+    """This process's thread ids (Linux; empty elsewhere)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def _yield_to_compute(threads: set[int]) -> None:
+    """Give the ring backend's socket threads the lowest CPU priority (Linux).
+
+    MLX's ring backend polls its sockets: a thread waiting for a peer spins a core. A
+    pipeline that overlaps its stages computes while its hops wait, and on a host with one
+    core (a pinned testbed host) the spinning took a quarter of the layers' time. At nice
+    19 they run when the layers leave the core idle, which is also when their bytes are
+    needed; where cores are plenty this changes nothing.
+    """
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+    if threads:
+        logger.debug("ring socket threads %s at nice 19", sorted(threads))
 
 
 def barrier(group: mx.distributed.Group) -> None:

@@ -289,6 +289,7 @@ def _gather_metrics(
         backend=backend,
         world_size=group.size(),
         split=plan.split,
+        overlap=sharded.overlap,
         prompts=len(generation.completions),
         batched=generation.batched,
         prompt_tokens=generation.prompt_tokens,

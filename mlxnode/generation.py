@@ -15,6 +15,7 @@ API over mlx-lm's continuous batcher, which a long-running server drives itself:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,12 +25,12 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from .distributed import peer_errors
+from .distributed import hop_stream, peer_errors, settle
 from .errors import InferenceError, UsageError
 from .loading import ShardedModel
 from .pipeline import TokenSharing
 from .prompts import Prompt
-from .strategy import PIPELINE
+from .strategy import GENERIC_PIPELINE, PIPELINE
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def generate(
             result = _generate_batch(sharded, batch, sampler, on_step)
         # mlx-lm starts computing the next token before it knows it is done; that step
         # holds collectives, and any collective we run next must not overtake it.
-        mx.synchronize(generation_stream)
+        settle(generation_stream)
     return result
 
 
@@ -305,6 +306,7 @@ def _generate_one(
         max_tokens=item.max_tokens,
         sampler=sampler,
         prompt_progress_callback=lambda *_: on_step(),
+        prefill_step_size=prefill_step(sharded),
     ):
         on_step()
         tokens.append(_token(0, response))
@@ -333,35 +335,83 @@ def _generate_batch(
     sampler: Callable | None,
     on_step: Callable[[], None],
 ) -> Generation:
+    """`batch` through one batch generator per micro-batch (`micro_batches`), in turns.
+
+    With one generator per pipeline stage, each turn queues one micro-batch's next step
+    and waits only for that micro-batch's previous one: while the last stage finishes
+    micro-batch A (and rank 0 samples it), the first stage computes micro-batch B, whose
+    hops wait on the hop stream instead of the layers (`distributed.hop_stream`). Every
+    rank takes the same turns with the same tokens, so their hops pair up.
+    """
     started = time.perf_counter()
-    generator = batch_generator(
-        sharded, sampler=sampler, max_tokens=max(item.max_tokens for item in batch)
-    )
+    parts = micro_batches(sharded, batch)
+    if len(parts) > 1 and sharded.rank == 0:
+        logger.info("batch of %d in %d micro-batches, one per stage", len(batch), len(parts))
+    max_tokens = max(item.max_tokens for item in batch)
+    generators = [batch_generator(sharded, sampler=sampler, max_tokens=max_tokens) for _ in parts]
+    tokens: dict[int, list[Token]] = {}  # by index in `batch`
     try:
-        uids = insert(generator, batch)
-        tokens: dict[int, list[Token]] = {uid: [] for uid in uids}
-        with generator.stats() as stats:
-            while (produced := step(generator)) is not None:
-                on_step()
-                for token in produced:
-                    tokens[token.uid].append(token)
+        uids = [
+            insert(g, [batch[i] for i in part]) for g, part in zip(generators, parts, strict=True)
+        ]
+        index = [dict(zip(u, part, strict=True)) for u, part in zip(uids, parts, strict=True)]
+        tokens = {i: [] for i in range(len(batch))}
+        with contextlib.ExitStack() as windows:
+            stats = [windows.enter_context(g.stats()) for g in generators]
+            turns = list(range(len(generators)))
+            while turns:
+                for k in list(turns):
+                    produced = step(generators[k])
+                    if produced is None:
+                        turns.remove(k)
+                        continue
+                    on_step()
+                    for token in produced:
+                        tokens[index[k][token.uid]].append(token)
     finally:
-        generator.close()
+        for generator in generators:
+            generator.close()
     ended = time.perf_counter()
     completions = []
-    for uid, item in zip(uids, batch, strict=True):
-        text = sharded.tokenizer.decode([t.id for t in tokens[uid] if t.finish_reason != "stop"])
-        completions.append(complete(item, tokens[uid], text, started=started, ended=ended))
+    for i, item in enumerate(batch):
+        text = sharded.tokenizer.decode([t.id for t in tokens[i] if t.finish_reason != "stop"])
+        completions.append(complete(item, tokens[i], text, started=started, ended=ended))
+    prompt_time = sum(s.prompt_time for s in stats)
+    generation_tokens = sum(s.generation_tokens for s in stats)
+    generation_time = (ended - started) - prompt_time
     return Generation(
         completions=completions,
         batched=True,
         prompt_tokens=sum(len(item.ids) for item in batch),
-        prompt_tps=stats.prompt_tps,
-        generation_tokens=stats.generation_tokens,
-        generation_tps=stats.generation_tps,
+        prompt_tps=sum(s.prompt_tokens for s in stats) / prompt_time if prompt_time > 0 else 0.0,
+        generation_tokens=generation_tokens,
+        generation_tps=generation_tokens / generation_time if generation_time > 0 else 0.0,
         ttft_seconds=min(c.ttft_seconds for c in completions),
         seconds=ended - started,
     )
+
+
+# mlx-lm reads a prompt in chunks of 2048 tokens, and a pipeline passes each chunk on only
+# once its stage has read all of it: a 2,000-token prompt keeps one stage busy at a time.
+# In chunks of OVERLAP_PREFILL_STEP, the first stage reads chunk k + 1 while the next one
+# reads chunk k. Smaller chunks fill the pipeline sooner but multiply fewer rows at a time.
+MLX_LM_PREFILL_STEP = 2048
+OVERLAP_PREFILL_STEP = 128
+
+
+def prefill_step(sharded: ShardedModel) -> int:
+    """How many prompt tokens one forward pass reads."""
+    return OVERLAP_PREFILL_STEP if sharded.overlap else MLX_LM_PREFILL_STEP
+
+
+def micro_batches(sharded: ShardedModel, batch: Sequence[EncodedPrompt]) -> list[list[int]]:
+    """Indices of `batch` in each micro-batch: one per pipeline stage where stages overlap.
+
+    The longest prompts are dealt out first, so the micro-batches take about as long.
+    """
+    ways = min(sharded.world_size, len(batch)) if sharded.overlap else 1
+    by_length = sorted(range(len(batch)), key=lambda i: -len(batch[i].ids))
+    return [sorted(by_length[k::ways]) for k in range(ways)]
 
 
 # -- step by step, over mlx-lm's continuous batching
@@ -392,6 +442,7 @@ def batch_generator(
     }
     if max_batch is not None:
         options["completion_batch_size"] = max_batch
+    options["prefill_step_size"] = prefill_step(sharded)
     sharing = _token_sharing(sharded)
     if sharing is None:
         return BatchGenerator(sharded.model, sampler=sampler, **options)
@@ -419,7 +470,10 @@ def _token_sharing(sharded: ShardedModel) -> TokenSharing | None:
     """How the ranks of a pipeline get rank 0's tokens; None where every rank samples."""
     if sharded.plan.strategy != PIPELINE or sharded.group is None or sharded.world_size == 1:
         return None
-    return TokenSharing(sharded.group)
+    # mlx-lm's own pipeline() passes hidden states on the generation stream; its tokens
+    # stay there too, so that no two of its collectives ever run at once.
+    generic = sharded.plan.implementation == GENERIC_PIPELINE
+    return TokenSharing(sharded.group, stream=hop_stream() if generic else None)
 
 
 def insert(

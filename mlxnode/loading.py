@@ -35,6 +35,7 @@ from .model_files import (
     read_metadata,
 )
 from .strategy import (
+    GENERIC_PIPELINE,
     LOCAL,
     PIPELINE,
     REPLICAS,
@@ -72,6 +73,9 @@ class ShardedModel:
     plan: ShardPlan
     group: mx.distributed.Group | None
     load_seconds: float
+    # A pipeline whose stages work at once: prompts read in chunks, a batch split into one
+    # micro-batch per stage (`generation`). Needs the generic wrapper and a hop stream.
+    overlap: bool = False
 
     @property
     def rank(self) -> int:
@@ -144,6 +148,7 @@ def load_sharded(
         batch_size=batch_size,
         model_bytes=model_bytes,
         memory=memory,
+        overlap=dist.overlap,
     )
     if rank == 0:
         logger.info("strategy %s (%s): %s", plan.strategy, plan.implementation, plan.reason)
@@ -165,6 +170,9 @@ def load_sharded(
         plan=plan,
         group=group,
         load_seconds=seconds,
+        overlap=dist.overlap
+        and plan.implementation == GENERIC_PIPELINE
+        and distributed.hop_stream() is not None,
     )
 
 

@@ -35,6 +35,7 @@ class RunMetrics:
     backend: str
     world_size: int
     split: list[int] | None
+    overlap: bool  # the pipeline's stages worked at once (chunked prompts, micro-batches)
     prompts: int
     batched: bool
     prompt_tokens: int

@@ -103,6 +103,7 @@ class _PipelineSlot(nn.Module):
         # (send_to and recv_from then only describe the pipeline to `agree_on_wire`'s trace).
         self._relay_from = relay_from
         self._sends = sends
+        self._hops = distributed.hop_stream()
         # Set by `agree_on_wire`: the dtype the sender's layers produce, and the relayed
         # rank's output dtype, which every rank's all-sum contribution must share.
         self.recv_dtype: mx.Dtype | None = None
@@ -125,7 +126,9 @@ class _PipelineSlot(nn.Module):
             x = relayed = self._relay_hop(x)
         elif self._recv_from is not None:
             dtype = self.recv_dtype or x.dtype
-            x = mx.distributed.recv(x.shape, dtype, self._recv_from, group=self._group)
+            x = mx.distributed.recv(
+                x.shape, dtype, self._recv_from, group=self._group, stream=self._hops
+            )
         layer = self.get("layer")
         if layer is not None:
             h = layer(x, *args, **kwargs)
@@ -137,7 +140,7 @@ class _PipelineSlot(nn.Module):
         if relayed is not None and cache is not None:
             cache.keys = mx.depends(cache.keys, relayed)
         if self._send_to is not None and (self._sends or _tracing):
-            h = mx.distributed.send(h, self._send_to, group=self._group)
+            h = mx.distributed.send(h, self._send_to, group=self._group, stream=self._hops)
             if cache is not None:
                 cache.keys = mx.depends(cache.keys, h)
         return h
@@ -349,8 +352,9 @@ class TokenSharing:
     the same order.
     """
 
-    def __init__(self, group: mx.distributed.Group):
+    def __init__(self, group: mx.distributed.Group, *, stream: Any = None):
         self._group = group
+        self._stream = stream  # where the all-sums run (None: the default stream)
         self._samples = group.rank() == SAMPLING_RANK
         self._previous: mx.array | None = None  # the last all-sum, which the next waits for
 
@@ -371,7 +375,7 @@ class TokenSharing:
             mine = mx.depends(mx.zeros(logprobs.shape[:-1], dtype=mx.int32), logprobs)
         if self._previous is not None:
             mine = mx.depends(mine, self._previous)
-        self._previous = mx.distributed.all_sum(mine, group=self._group)
+        self._previous = mx.distributed.all_sum(mine, group=self._group, stream=self._stream)
         return self._previous
 
 

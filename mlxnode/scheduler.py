@@ -605,7 +605,7 @@ def serve(
                 if many:
                     # The step mlx-lm queued ahead holds collectives on the generation
                     # stream; the next decision's collective must not overtake them.
-                    mx.synchronize(generation_stream)
+                    distributed.settle(generation_stream)
                     assert group is not None
                     shared = distributed.broadcast_json(
                         group,
@@ -644,6 +644,6 @@ def _gather_memory(sharded: ShardedModel, many: bool, stream: Any) -> list[dict[
     }
     if not many:
         return [mine]
-    mx.synchronize(stream)
+    distributed.settle(stream)
     assert sharded.group is not None
     return distributed.all_gather_json(sharded.group, mine, what="gathering peak memory")

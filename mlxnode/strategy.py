@@ -63,6 +63,7 @@ def plan_shards(
     batch_size: int = 1,
     model_bytes: int | None = None,
     memory: Sequence[int] | None = None,
+    overlap: bool = False,
 ) -> ShardPlan:
     """Decide how this rank holds `model` (a lazily loaded instance), and say why.
 
@@ -76,6 +77,10 @@ def plan_shards(
         model_bytes: The size of the model's weight files, if known.
         memory: Each rank's memory figure in bytes (`mlxnode.memory.host_memory`), in rank
             order; None: unknown, and auto does not pick replicas.
+        overlap: The pipeline is to keep every stage busy. mlx-lm's pipeline() all-gathers
+            the hidden state at the end of every forward pass, which holds every stage to
+            the last one's pace, so the generic wrapper then splits every model it can,
+            and mlx-lm's pipeline() only the others.
 
     Raises:
         UsageError: a split for a tensor run, or a bad split (`sharding.resolve_split`).
@@ -89,8 +94,11 @@ def plan_shards(
     # mlx-lm's pipeline() passes hidden states with send/recv; where the backend has none
     # (nccl), the generic wrapper, which can relay them with collectives, splits it instead.
     has_own_pipeline = hasattr(model, "model") and hasattr(model.model, "pipeline")
+    generic_problem = generic_pipeline_problem(model)
     use_own = has_own_pipeline and transport_for(backend).point_to_point
-    pipeline_problem = None if use_own else generic_pipeline_problem(model)
+    if overlap and generic_problem is None:
+        use_own = False
+    pipeline_problem = None if use_own else generic_problem
     if pipeline_problem is not None and has_own_pipeline:
         pipeline_problem = (
             f"mlx-lm's pipeline() needs send/recv, which are off on the {backend} backend, and "

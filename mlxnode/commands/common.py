@@ -130,7 +130,7 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
         "distributed.strategy",
         ("--strategy",),
         "How to split the model over ranks.",
-        metavar="{auto,pipeline,tensor}",
+        metavar="{auto,pipeline,tensor,replicas}",
     ),
     ConfigFlag(
         "distributed.backend", ("--backend",), "mx.distributed backend to use.", metavar="NAME"
@@ -146,6 +146,13 @@ CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
         ("--weights",),
         "Relative memory per rank, e.g. 192,64; layers are split in proportion.",
         metavar="W,W,...",
+    ),
+    ConfigFlag(
+        "distributed.overlap",
+        ("--overlap",),
+        "Pipeline: keep every stage busy, prompts read in chunks and a batch in one "
+        "micro-batch per stage (--no-overlap: one stage at a time, as mlx-lm does).",
+        kind="bool",
     ),
     ConfigFlag(
         "distributed.step_timeout",
