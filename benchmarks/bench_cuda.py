@@ -11,11 +11,11 @@ prompt length (``--prompt-lengths``, default 128 and 8,000 tokens) and batch siz
    ratio mlxnode / mlx-lm (target >= 0.97); the greedy ids must be equal.
 2. Every GPU of the host over NCCL (``mlx.launch --backend nccl``, one rank per GPU):
    ``--strategy pipeline`` (hidden states relayed with all-sums, as MLX 0.32's NCCL has no
-   send/recv; not overlapped: mlxnode has no overlapped pipeline yet), ``tensor`` and
-   ``replicas``, each against the same cell's one-GPU mlxnode run. The pipeline's greedy
-   ids must equal one GPU's; tensor parallelism's differ after a few tokens (bf16 all-reduce
-   order), and replicas run smaller batches, whose bf16 matmuls may round differently. On a
-   host with one GPU these rows are listed as not run, with why.
+   send/recv; one stage at a time: ``--overlap`` needs a hop stream, which nccl does not
+   get), ``tensor`` and ``replicas``, each against the same cell's one-GPU mlxnode run.
+   The pipeline's greedy ids must equal one GPU's; tensor parallelism's differ after a few
+   tokens (bf16 all-reduce order), and replicas run smaller batches, whose bf16 matmuls may
+   round differently. On a host with one GPU these rows are listed as not run, with why.
 
 Each cell first runs mlxnode once unmeasured (MLX compiles CUDA kernels at first use and
 keeps them in its PTX cache), then ``--repeats`` rounds of [mlx-lm, mlxnode] alternating,

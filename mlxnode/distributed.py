@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -182,6 +183,43 @@ def _yield_to_compute(threads: set[int]) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, 19)
     if threads:
         logger.debug("ring socket threads %s at nice 19", sorted(threads))
+
+
+@dataclass(frozen=True)
+class LinkProbe:
+    """What one all-reduce costs over the joined group, measured at start-up."""
+
+    latency_s: float  # median of small all-sums (one float): the per-collective cost
+    bandwidth_bytes_s: float  # bytes per second of one PROBE_BYTES all-sum
+
+    def describe(self) -> str:
+        return (
+            f"all-reduce {self.latency_s * 1e6:.0f} us, "
+            f"{self.bandwidth_bytes_s / 1e9:.2f} GB/s over {PROBE_BYTES // 2**20} MiB"
+        )
+
+
+PROBE_ROUNDS = 9
+PROBE_BYTES = 4 * 2**20
+
+
+def probe_link(group: mx.distributed.Group) -> LinkProbe:
+    """Time small all-sums and one large one; every rank must call this at the same point."""
+    stream = control_stream()
+    small, large = mx.zeros((1,)), mx.zeros((PROBE_BYTES // 4,))
+    mx.eval(small, large)
+    mx.eval(mx.distributed.all_sum(small, group=group, stream=stream))  # warm the path
+    times = []
+    for _ in range(PROBE_ROUNDS):
+        started = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(small, group=group, stream=stream))
+        times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    mx.eval(mx.distributed.all_sum(large, group=group, stream=stream))
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return LinkProbe(
+        latency_s=sorted(times)[len(times) // 2], bandwidth_bytes_s=PROBE_BYTES / seconds
+    )
 
 
 def barrier(group: mx.distributed.Group) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from . import distributed
 from .config import Config
@@ -34,6 +35,7 @@ from .model_files import (
     context_length,
     read_metadata,
 )
+from .pipeline import head_weight
 from .strategy import (
     GENERIC_PIPELINE,
     LOCAL,
@@ -48,6 +50,12 @@ from .strategy import (
 )
 
 logger = logging.getLogger(__name__)
+
+# What a rank holds beyond its weights while it generates a short prompt (activations, MLX's
+# buffers), which `check_fits` adds. Measured on SmolLM2-135M bfloat16, 2 pipeline ranks:
+# the rank without the head peaked 8 MiB below its resident memory at the check plus its
+# weights; the long context's KV cache is not counted.
+RUNTIME_BYTES = 64 * 2**20
 
 # Wraps a phase that waits on the slowest peer: `guard("waiting for ...")` is a context
 # manager. A rank's watchdog passes one that ends a silent wait; the default waits forever.
@@ -97,6 +105,7 @@ def load_sharded(
     *,
     wait: Guard = unguarded,
     batch_size: int = 1,
+    replicas: bool = True,
 ) -> ShardedModel:
     """Load this rank's shard of the model of `config`: plan, prune or shard, materialise.
 
@@ -107,8 +116,9 @@ def load_sharded(
         group: The ranks to split the model over; None: this process holds all of it.
         metadata: The model's metadata if already read (`model_files.read_metadata`).
         wait: Wraps the waits for the other ranks (a watchdog's guard).
-        batch_size: Prompts the model is loaded for; with several, `auto` may give every
-            rank a whole copy (`strategy.plan_shards`).
+        batch_size: Prompts the model is loaded for (`strategy.plan_shards`).
+        replicas: Whether `auto` may give every rank a whole copy (the server runs every
+            request on every rank, so it may not).
 
     Returns:
         The loaded shard.
@@ -127,15 +137,18 @@ def load_sharded(
     dist = config.distributed
     model = build_model(metadata.path, metadata.name)
     model_bytes = weight_bytes(metadata.path)
-    memory = None
-    if group is not None and world_size > 1 and dist.strategy == "auto" and batch_size > 1:
+    memory, link = None, None
+    if group is not None and world_size > 1 and dist.strategy == "auto":
+        # auto's inputs: whether a whole copy fits every host, and what the link costs.
         with (
             distributed.peer_errors(rank, "sharing each host's memory"),
             wait("waiting for every rank's memory figure"),
         ):
-            memory = distributed.all_gather_json(
-                group, host_memory_bytes(), what="sharing each host's memory"
-            )
+            if replicas:
+                memory = distributed.all_gather_json(
+                    group, host_memory_bytes(), what="sharing each host's memory"
+                )
+            link = distributed.probe_link(group)
     plan = plan_shards(
         model,
         metadata.config,
@@ -149,6 +162,7 @@ def load_sharded(
         model_bytes=model_bytes,
         memory=memory,
         overlap=dist.overlap,
+        link=link,
     )
     if rank == 0:
         logger.info("strategy %s (%s): %s", plan.strategy, plan.implementation, plan.reason)
@@ -160,7 +174,9 @@ def load_sharded(
         model = build_model(weights_dir, metadata.name)
     total_layers = num_layers(model, metadata.config)
     check_weight_files(weights_dir, plan.layers, total_layers, rank)
-    check_fits(plan, weight_bytes(weights_dir), total_layers, rank=rank, world_size=world_size)
+    if group is not None:
+        apply_plan(model, plan, group)
+    check_fits(plan, parameter_bytes(model) + logits_upcast_bytes(model), rank=rank)
     seconds = _materialise(model, plan, group, started=started, wait=wait)
     return ShardedModel(
         model=model,
@@ -191,27 +207,54 @@ def weight_bytes(model_dir: Path) -> int | None:
     return sum(sizes) or None
 
 
-def check_fits(
-    plan: ShardPlan, model_bytes: int | None, total_layers: int, *, rank: int, world_size: int
-) -> None:
+def parameter_bytes(model: nn.Module) -> int:
+    """The bytes of `model`'s parameters, read from their shapes (lazy ones are not loaded).
+
+    After `apply_plan` this is exactly what the rank will hold: its layers, and the
+    embedding or head it keeps.
+    """
+    return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
+
+
+def logits_upcast_bytes(model: nn.Module) -> int:
+    """A float32 copy of the head, which computing logits makes where it is 16-bit and the
+    hidden state float32 (float32 norms, as real checkpoints often keep: a 16-bit matrix
+    times a float32 one is computed in float32). Measured: 126 MiB for SmolLM2-135M
+    bfloat16's 49152 x 576 head, the rank's peak above its weights."""
+    weight = head_weight(model)
+    norm = getattr(getattr(getattr(model, "model", None), "norm", None), "weight", None)
+    if weight is None or norm is None or norm.dtype != mx.float32:
+        return 0
+    if weight.dtype not in (mx.float16, mx.bfloat16):
+        return 0  # float32 already, or quantized (multiplied without a copy)
+    return weight.size * 4
+
+
+def check_fits(plan: ShardPlan, share_bytes: int, *, rank: int) -> None:
     """Refuse, before reading a weight, a share of the model that this host cannot hold.
 
-    The room is the host's memory (`memory.host_memory_bytes`: a cgroup's limit where one
-    applies) less what this process already holds (Python, MLX, the tokenizer).
+    The need is `share_bytes` (the rank's own parameters, `parameter_bytes`, and the
+    head's float32 copy, `logits_upcast_bytes`) plus RUNTIME_BYTES; the room is the host's
+    memory (`memory.host_memory_bytes`: a cgroup's limit where one applies) less what this
+    process already holds (Python, MLX, the tokenizer).
 
     Raises:
-        ModelLoadError: the rank's share of the weights is larger than the room left.
+        ModelLoadError: the rank's share does not fit the room left.
     """
-    if not model_bytes:
+    if not share_bytes:
         return
-    if plan.strategy == PIPELINE and plan.layers and total_layers:
-        need = model_bytes * (plan.layers[1] - plan.layers[0]) // total_layers
-    elif plan.strategy == TENSOR:
-        need = model_bytes // world_size
-    else:
-        need = model_bytes
+    need = share_bytes + RUNTIME_BYTES
     limit = host_memory_bytes()
-    room = limit - process_bytes()
+    held = process_bytes()
+    room = limit - held
+    logger.debug(
+        "rank %d: weights and head copy %s, need %s, process holds %s, limit %s",
+        rank,
+        format_bytes(share_bytes),
+        format_bytes(need),
+        format_bytes(held),
+        format_bytes(limit),
+    )
     if need <= room:
         return
     host = socket.gethostname()
@@ -221,9 +264,9 @@ def check_fits(
         else "add hosts, or give this host fewer layers with --split/--weights"
     )
     raise ModelLoadError(
-        f"rank {rank} on {host}: its share of the model ({plan.strategy}) is "
-        f"{format_bytes(need)} but the host has {format_bytes(limit)}, "
-        f"{format_bytes(max(room, 0))} of it free for weights; {hint}"
+        f"rank {rank} on {host}: its share of the model ({plan.strategy}) needs "
+        f"{format_bytes(need)} to load and generate, but the host has {format_bytes(limit)}, "
+        f"{format_bytes(max(room, 0))} of it free; {hint}"
     )
 
 
@@ -235,14 +278,12 @@ def _materialise(
     started: float,
     wait: Guard,
 ) -> float:
-    """Shard or prune `model` per `plan`, read this rank's weights, wait for the others.
+    """Read this rank's weights (`model` already pruned per `plan`), wait for the others.
 
     Returns the seconds this rank took to load, from `started`.
     """
     rank, world_size = (group.rank(), group.size()) if group is not None else (0, 1)
     with distributed.peer_errors(rank, "loading the model"):
-        if group is not None:
-            apply_plan(model, plan, group)
         mx.eval(model.parameters())
         seconds = time.perf_counter() - started
         layers = f"layers {plan.layers[0]}-{plan.layers[1] - 1}" if plan.layers else "all"

@@ -338,6 +338,18 @@ def drop_head(model: nn.Module, rank: int) -> None:
         )
 
 
+def head_weight(model: nn.Module) -> mx.array | None:
+    """The matrix this rank projects to the vocabulary with; None where it does not (a
+    stand-in from `drop_head`, or a head this module does not recognise)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return getattr(head, "weight", None)
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if isinstance(embedding, _EmbeddingWithoutHead) or not hasattr(embedding, "as_linear"):
+        return None
+    return getattr(embedding, "weight", None)
+
+
 Sampler = Callable[[mx.array], mx.array]
 
 

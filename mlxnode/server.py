@@ -113,7 +113,7 @@ def _serve(
             group.size(),
         )
     try:
-        sharded = load_sharded(config, group, metadata, wait=wait)
+        sharded = load_sharded(config, group, metadata, wait=wait, replicas=False)
         logger.info("loaded; waiting for requests")
         with guard("serving"):
             serve_steps(

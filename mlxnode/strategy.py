@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .distributed import FULL_MESH_BACKENDS, transport_for
+from .distributed import FULL_MESH_BACKENDS, LinkProbe, transport_for
 from .errors import ModelLoadError, UsageError
 from .formatting import format_bytes
 from .pipeline import agree_on_wire, apply_pipeline, drop_head, generic_pipeline_problem
@@ -33,6 +33,15 @@ WHOLE_COPIES = "whole model per rank"
 # auto picks replicas only where every host's memory holds the weights this many times over:
 # the rest is the runtime, the KV cache and the activations of a batch.
 REPLICA_MEMORY_FACTOR = 1.5
+
+# How fast auto assumes one device reads its weights when it weighs tensor parallelism's
+# all-reduces against the compute they split: the fastest Apple silicon (M3 Ultra, 819 GB/s)
+# and, on NCCL, an H200 (4.8 TB/s). A slower device only makes tensor parallelism pay more.
+DEVICE_BYTES_PER_S = {"nccl": 4.8e12}
+DEFAULT_DEVICE_BYTES_PER_S = 8.0e11
+# auto picks tensor only where a token's all-reduces cost at most this share of the time
+# that splitting the weights saves.
+TENSOR_LINK_SHARE = 0.5
 
 # Architectures the generic pipeline wrapper is tested with (tests/test_engine.py). Others
 # pass if they have its shape (a `model.layers` list of blocks that take a KV cache).
@@ -64,16 +73,20 @@ def plan_shards(
     model_bytes: int | None = None,
     memory: Sequence[int] | None = None,
     overlap: bool = False,
+    link: LinkProbe | None = None,
 ) -> ShardPlan:
     """Decide how this rank holds `model` (a lazily loaded instance), and say why.
 
-    auto: pipeline when a split is given; replicas when the batch has several prompts and
-    every rank's `memory` holds `model_bytes` (times REPLICA_MEMORY_FACTOR); tensor when the
-    backend is a full mesh and the model can be tensor-sharded over `world_size`; else
-    pipeline when possible, else tensor.
+    auto never picks a plan slower than one device where one device can hold the model:
+    pipeline when a split is given; replicas when every rank's `memory` holds `model_bytes`
+    (times REPLICA_MEMORY_FACTOR), for any batch (one prompt then runs on one whole copy,
+    at one device's speed); tensor when the backend is a full mesh, the model can be
+    tensor-sharded over `world_size` and the `link` probe says a token's 2 all-reduces per
+    layer cost at most TENSOR_LINK_SHARE of the time splitting the weights saves (see
+    `_tensor_pays`); else pipeline when possible, else tensor.
 
     Args:
-        batch_size: Prompts in the batch; auto splits one prompt, never copies the model.
+        batch_size: Prompts in the batch (named in auto's reason).
         model_bytes: The size of the model's weight files, if known.
         memory: Each rank's memory figure in bytes (`mlxnode.memory.host_memory`), in rank
             order; None: unknown, and auto does not pick replicas.
@@ -122,6 +135,9 @@ def plan_shards(
             wants_split=wants_split,
             batch_size=batch_size,
             copies_fit=_copies_fit(model_bytes, memory),
+            tensor_pays=_tensor_pays(
+                link, model_bytes, num_layers(model, model_config), world_size, backend
+            ),
             pipeline_problem=pipeline_problem,
             tensor_problem=tensor_problem,
         )
@@ -175,24 +191,32 @@ def _auto_choice(
     wants_split: bool,
     batch_size: int,
     copies_fit: str | None,
+    tensor_pays: tuple[bool, str],
     pipeline_problem: str | None,
     tensor_problem: str | None,
 ) -> tuple[str, str]:
     """(strategy, reason) that auto picks, by the rule in `plan_shards`'s docstring."""
     mesh = backend in FULL_MESH_BACKENDS
+    pays, link_reason = tensor_pays
     if wants_split and pipeline_problem is None:
         return PIPELINE, "auto: --split/--weights give the layers per rank"
-    if not wants_split and batch_size > 1 and copies_fit is not None:
-        return REPLICAS, f"auto: {batch_size} prompts and {copies_fit}"
-    if mesh and tensor_problem is None:
-        return TENSOR, f"auto: the {backend} backend is a full mesh and {model_type} has shard()"
-    if pipeline_problem is None:
-        why = (
-            f"{model_type} cannot be tensor-sharded ({tensor_problem})"
-            if mesh
-            else f"the {backend} backend is not a full mesh, and tensor parallelism "
-            "all-reduces twice per layer"
+    if not wants_split and copies_fit is not None:
+        return REPLICAS, (
+            f"auto: {batch_size} prompt(s) and {copies_fit}; one prompt runs on one copy, at "
+            "one device's speed"
         )
+    if mesh and tensor_problem is None and pays:
+        return TENSOR, f"auto: the {backend} backend is a full mesh and {link_reason}"
+    if pipeline_problem is None:
+        if not mesh:
+            why = (
+                f"the {backend} backend is not a full mesh, and tensor parallelism "
+                "all-reduces twice per layer"
+            )
+        elif tensor_problem is not None:
+            why = f"{model_type} cannot be tensor-sharded ({tensor_problem})"
+        else:
+            why = link_reason
         return PIPELINE, f"auto: {why}"
     if tensor_problem is None:
         if wants_split:
@@ -231,6 +255,34 @@ def connect_plan(model: nn.Module, plan: ShardPlan, group: mx.distributed.Group)
     """The collectives a plan needs once every rank has its shard (see `agree_on_wire`)."""
     if plan.strategy == PIPELINE:
         agree_on_wire(model, group)
+
+
+def _tensor_pays(
+    link: LinkProbe | None,
+    model_bytes: int | None,
+    layers: int,
+    world_size: int,
+    backend: str,
+) -> tuple[bool, str]:
+    """Whether a token's all-reduces cost at most TENSOR_LINK_SHARE of what splitting saves.
+
+    One device needs at least model_bytes / DEVICE_BYTES_PER_S per token; tensor
+    parallelism saves at most (1 - 1/N) of it and pays 2 all-reduces per layer, each at
+    least the probe's latency. Measured on 2 x H200 over NCCL: an 8B model at 0.44x of one
+    GPU, about 7 ms of all-reduces per token (README, Linux CUDA hosts).
+    """
+    if link is None or not model_bytes:
+        return False, "no link probe or model size: tensor parallelism is not weighed"
+    speed = DEVICE_BYTES_PER_S.get(backend, DEFAULT_DEVICE_BYTES_PER_S)
+    saved = model_bytes / speed * (1 - 1 / world_size)
+    cost = 2 * layers * link.latency_s
+    figures = (
+        f"{2 * layers} all-reduces per token cost {cost * 1e3:.2f} ms ({link.describe()}), "
+        f"splitting {format_bytes(model_bytes)} saves at most {saved * 1e3:.2f} ms"
+    )
+    if cost <= TENSOR_LINK_SHARE * saved:
+        return True, f"tensor parallelism pays: {figures}"
+    return False, f"tensor parallelism would not pay: {figures}"
 
 
 def _copies_fit(model_bytes: int | None, memory: Sequence[int] | None) -> str | None:

@@ -26,6 +26,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_model
 
 from mlxnode.config import Config
+from mlxnode.distributed import LinkProbe
 from mlxnode.errors import InferenceError, ModelLoadError, UsageError
 from mlxnode.generation import EncodedPrompt, encode
 from mlxnode.model_files import read_metadata
@@ -210,14 +211,30 @@ def _lazy(path: Path):
     return model, config
 
 
-def test_auto_picks_pipeline_on_a_ring_and_tensor_on_a_full_mesh(models):
-    model, config = _lazy(models["llama"])
+def test_auto_picks_pipeline_on_a_ring_and_tensor_on_a_full_mesh_only_where_it_pays(models):
+    model, config = _lazy(models["llama"])  # 8 layers
     ring = plan_shards(model, config, rank=0, world_size=2, backend="ring")
     assert (ring.strategy, ring.implementation) == ("pipeline", "mlxnode generic pipeline")
     assert "ring backend is not a full mesh" in ring.reason
     assert ring.split == [4, 4] and ring.layers == (4, 8)  # rank 0 holds the last layers
-    mesh = plan_shards(model, config, rank=0, world_size=2, backend="jaccl")
-    assert mesh.strategy == "tensor" and "full mesh" in mesh.reason
+
+    def mesh(latency_s: float, model_bytes: int = 40 * 2**30, backend: str = "jaccl"):
+        link = LinkProbe(latency_s=latency_s, bandwidth_bytes_s=5e9)
+        return plan_shards(model, config, rank=0, world_size=2, backend=backend,
+                           model_bytes=model_bytes, link=link)  # fmt: skip
+
+    # 40 GiB at 800 GB/s: one device needs >= 53.7 ms a token, 2 ranks save <= 26.8 ms;
+    # 16 all-reduces at 50 us cost 0.8 ms, at 2 ms 32 ms.
+    fast = mesh(50e-6)
+    assert fast.strategy == "tensor" and "tensor parallelism pays" in fast.reason
+    assert "16 all-reduces per token cost 0.80 ms" in fast.reason
+    slow = mesh(2e-3)
+    assert slow.strategy == "pipeline" and "would not pay" in slow.reason
+    # An H200 reads 16 GB in 3.3 ms: over NCCL at 100 us per all-reduce tensor loses, as
+    # measured (0.44x of one GPU for an 8B model).
+    assert mesh(100e-6, model_bytes=16 * 10**9, backend="nccl").strategy == "pipeline"
+    unprobed = plan_shards(model, config, rank=0, world_size=2, backend="jaccl")
+    assert unprobed.strategy == "pipeline" and "no link probe" in unprobed.reason
     split = plan_shards(model, config, rank=1, world_size=2, backend="mpi", split=[6, 2])
     assert (split.strategy, split.layers) == ("pipeline", (0, 2))
 
@@ -520,7 +537,16 @@ def test_two_way_pipeline_halves_peak_memory_and_logs_per_rank(models, tmp_path)
     assert one.returncode == 0, one.stderr
     logs = tmp_path / "logs" / "run.log"
     two = mlxnode_run(
-        2, *common, "--metrics-json", double, "--log-file", logs, PROMPT, cwd=tmp_path
+        2,
+        *common,
+        "--strategy",
+        "pipeline",
+        "--metrics-json",
+        double,
+        "--log-file",
+        logs,
+        PROMPT,
+        cwd=tmp_path,
     )
     assert two.returncode == 0 and not two.rank_codes, two.stderr
     whole = json.loads(single.read_text())["ranks"][0]["peak_memory_bytes"]
@@ -594,7 +620,8 @@ def test_unsupported_architecture_fails_with_exit_5(models, tmp_path):
 
 def _start_long_run(models: dict[str, Path], tmp_path: Path, *extra: str) -> subprocess.Popen:
     args = [
-        "--model-path", models["big"], "--no-chat-template", "--max-tokens", "6000",
+        "--model-path", models["big"], "--strategy", "pipeline", "--no-chat-template",
+        "--max-tokens", "6000",
         "--log-file", tmp_path / "logs" / "run.log", *extra, PROMPT,
     ]  # fmt: skip
     launcher = subprocess.Popen(

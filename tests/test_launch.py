@@ -472,7 +472,8 @@ def test_a_rank_that_refuses_its_model_is_named_with_its_own_exit_code(local_clu
     (model / only_rank1).unlink()
     argv = local_cluster.launch_argv("--run-id", "refuse", "--log-dir", str(tmp_path / "run"))
     argv[argv.index(str(local_cluster.model))] = str(model)
-    done = subprocess.run(argv + ["--max-tokens", "2", "Hi"], capture_output=True, text=True,
+    done = subprocess.run(argv + ["--strategy", "pipeline", "--max-tokens", "2", "Hi"],
+                          capture_output=True, text=True,
                           timeout=180, env=_env(tmp_path), stdin=subprocess.DEVNULL)  # fmt: skip
     assert done.returncode == 5, done.stderr[-3000:]
     logged = (tmp_path / "run" / "launcher.stderr.log").read_text()

@@ -14,11 +14,11 @@ import pytest
 from mlxnode.cache import ModelCacheManager, RankSpec
 from mlxnode.errors import ModelLoadError, UsageError
 from mlxnode.generation import EncodedPrompt
-from mlxnode.loading import check_fits
+from mlxnode.loading import check_fits, parameter_bytes
 from mlxnode.memory import _cgroup_limits, host_memory_bytes
 from mlxnode.prompts import Prompt
 from mlxnode.replicas import assign
-from mlxnode.strategy import REPLICA_MEMORY_FACTOR, ShardPlan, plan_shards
+from mlxnode.strategy import REPLICA_MEMORY_FACTOR, ShardPlan, apply_plan, plan_shards
 from tests.conftest import TINY_LLAMA
 from tests.test_engine import BATCH, MAX_TOKENS, _lazy, mlxnode_run, models, reference
 
@@ -58,7 +58,7 @@ def test_replicas_asked_for_hold_the_whole_model(models):
         plan_shards(model, config, rank=0, world_size=2, strategy="replicas", split=[4, 4])
 
 
-def test_auto_picks_replicas_only_for_a_batch_that_fits_every_host(models):
+def test_auto_picks_replicas_wherever_a_copy_fits_every_host(models):
     model, config = _lazy(models["llama"])
     size = 10 * MiB
     roomy = [int(size * REPLICA_MEMORY_FACTOR) + 1, 64 * MiB]
@@ -68,8 +68,10 @@ def test_auto_picks_replicas_only_for_a_batch_that_fits_every_host(models):
 
     plan = auto(batch_size=4, model_bytes=size, memory=roomy)
     assert plan.strategy == "replicas"
-    assert "4 prompts" in plan.reason and "holds the model (10.0 MiB)" in plan.reason
-    assert auto(batch_size=1, model_bytes=size, memory=roomy).strategy == "pipeline"
+    assert "4 prompt(s)" in plan.reason and "holds the model (10.0 MiB)" in plan.reason
+    # One prompt too: it runs on one whole copy, never slower than one device.
+    one = auto(batch_size=1, model_bytes=size, memory=roomy)
+    assert one.strategy == "replicas" and "one device's speed" in one.reason
     assert auto(batch_size=4, model_bytes=size, memory=[64 * MiB, 12 * MiB]).strategy == (
         "pipeline"
     )
@@ -81,9 +83,38 @@ def test_a_share_larger_than_the_host_is_refused_before_loading():
     whole = ShardPlan("local", "whole model", "one rank")
     huge = host_memory_bytes() * 2
     with pytest.raises(ModelLoadError, match=r"rank 0 on .*: its share of the model \(local\)"):
-        check_fits(whole, huge, 8, rank=0, world_size=1)
+        check_fits(whole, huge, rank=0)
     half = ShardPlan("pipeline", "generic", "two ranks", split=[4, 4], layers=(4, 8))
-    check_fits(half, 1 * MiB, 8, rank=0, world_size=2)  # fits: no error
+    check_fits(half, 1 * MiB, rank=0)  # fits: no error
+
+
+class _Group:
+    """Rank and size, all that planning and pruning read of a group (no collective runs)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_ranks_need_is_the_parameters_it_keeps(models, rank):
+    """The fit check counts what the pruned model holds: its layers, the embedding it
+    embeds with or projects through, and on rank 0 only the final norm and the head."""
+    model, config = _lazy(models["llama"])  # 8 layers
+    whole = parameter_bytes(model)
+    layer = parameter_bytes(model.model.layers[0])
+    embedding = parameter_bytes(model.model.embed_tokens)
+    head = whole - 8 * layer - embedding  # the final norm and an untied lm_head, if any
+    plan = plan_shards(model, config, rank=rank, world_size=2, strategy="pipeline", split=[2, 6])
+    apply_plan(model, plan, _Group(rank, 2))
+    layers = {0: 2, 1: 6}[rank]
+    assert parameter_bytes(model) == layers * layer + embedding + (head if rank == 0 else 0)
+    assert parameter_bytes(model) < whole
 
 
 def test_memory_figure_reads_the_cgroup_limit_of_the_process_and_its_parents(tmp_path):
@@ -138,7 +169,7 @@ def test_auto_picks_replicas_that_equal_one_process_in_order(models, tmp_path):
     assert single.returncode == 0, single.stderr
     job = mlxnode_run(2, *common, "--output", two, cwd=tmp_path)
     assert job.returncode == 0 and not job.rank_codes, job.stderr
-    assert "strategy replicas (whole model per rank): auto: 8 prompts and every rank's" in (
+    assert "strategy replicas (whole model per rank): auto: 8 prompt(s) and every rank's" in (
         job.stderr
     )
     records = job.records(two)
