@@ -527,7 +527,11 @@ def step(
         for r in responses:
             if r.finish_reason is not None and r.prompt_cache is not None:
                 on_finished(r.uid, Start(tokens=list(r.all_tokens), cache=r.prompt_cache))
-    return [_token(r.uid, r) for r in responses]
+    tokens = [_token(r.uid, r, start=False) for r in responses]
+    # One evaluation for the step's log-probabilities, not one per sequence: on a GPU each
+    # evaluation is a submission of its own.
+    mx.async_eval([t.logprob_array for t in tokens])
+    return tokens
 
 
 def complete(
@@ -562,10 +566,14 @@ def complete(
     )
 
 
-def _token(uid: int, response: Any) -> Token:
-    """A `Token` from mlx-lm's response (streaming or batched, which share these fields)."""
+def _token(uid: int, response: Any, *, start: bool = True) -> Token:
+    """A `Token` from mlx-lm's response (streaming or batched, which share these fields).
+
+    `start`: begin evaluating its log-probability now (else the caller does, for a step).
+    """
     logprob = response.logprobs[response.token]
-    mx.async_eval(logprob)
+    if start:
+        mx.async_eval(logprob)
     return Token(
         uid=uid,
         id=response.token,
