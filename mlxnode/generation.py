@@ -349,13 +349,12 @@ def _generate_batch(
         logger.info("batch of %d in %d micro-batches, one per stage", len(batch), len(parts))
     max_tokens = max(item.max_tokens for item in batch)
     generators = [batch_generator(sharded, sampler=sampler, max_tokens=max_tokens) for _ in parts]
-    tokens: dict[int, list[Token]] = {}  # by index in `batch`
+    tokens: dict[int, list[Token]] = {i: [] for i in range(len(batch))}  # by index in `batch`
     try:
         uids = [
             insert(g, [batch[i] for i in part]) for g, part in zip(generators, parts, strict=True)
         ]
         index = [dict(zip(u, part, strict=True)) for u, part in zip(uids, parts, strict=True)]
-        tokens = {i: [] for i in range(len(batch))}
         with contextlib.ExitStack() as windows:
             stats = [windows.enter_context(g.stats()) for g in generators]
             turns = list(range(len(generators)))
